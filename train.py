@@ -1,0 +1,48 @@
+"""Train a U-Net, then evaluate it on the test split.
+
+    python train.py                                   # default: nuclei -> runs/default
+    python train.py --config configs/hippocampus.py --workdir runs/hippocampus
+    python train.py --config.data.path=/my/dataset    # any images/+masks/ or volumes/ folder
+
+Rerunning a command on an existing workdir resumes it.
+"""
+
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from unetjax.evaluation import evaluate_workdir, format_summary
+from unetjax.training.loop import train_and_evaluate
+
+HERE = pathlib.Path(__file__).resolve().parent
+config_flags.DEFINE_config_file(
+    "config", str(HERE / "configs" / "nuclei.py"), "Config file.", lock_config=True
+)
+flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, logs and results go.")
+flags.DEFINE_bool("eval", True, "Evaluate the best checkpoint on the test split afterwards.")
+
+
+def main(argv):
+    del argv
+    logging.getLogger("unetjax").setLevel(logging.INFO)
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir
+    summary = train_and_evaluate(config, workdir)
+    print(f"training done: {summary}")
+    if flags.FLAGS.eval:
+        result = evaluate_workdir(workdir, "test")
+        print(
+            f"test split ({result['num_scored']} cases, checkpoint step "
+            f"{result['checkpoint_step']}), written to {result['out_dir']}:"
+        )
+        print(format_summary(result["summary"]))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(stream=sys.stdout, format="%(asctime)s %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    app.run(main)

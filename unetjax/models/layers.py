@@ -1,0 +1,125 @@
+"""Building blocks of the U-Net, written for speed on XLA CPU as well as GPU/TPU.
+
+XLA's transposed convolution and reduce-window max-pool are slow on CPU (NOTES.md:
+~80x and ~4x slower than the forms below), so the U-Net upsamples with one matmul
+followed by depth-to-space and pools with reshape + max.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def depth_to_space(x: jnp.ndarray, factors: Sequence[int]) -> jnp.ndarray:
+    """[B, *S, prod(f) * C] -> [B, *(S * f), C]; channel index = (offset..., c) row-major."""
+    batch, *spatial, channels = x.shape
+    nd = len(spatial)
+    out_c = channels // int(np.prod(factors))
+    x = x.reshape(batch, *spatial, *factors, out_c)
+    # interleave spatial axis i with its factor axis: (B, s0, f0, s1, f1, ..., C)
+    order = [0]
+    for i in range(nd):
+        order += [1 + i, 1 + nd + i]
+    x = x.transpose(*order, 1 + 2 * nd)
+    return x.reshape(batch, *(s * f for s, f in zip(spatial, factors, strict=True)), out_c)
+
+
+def space_to_blocks(x: jnp.ndarray, factors: Sequence[int]) -> jnp.ndarray:
+    """[B, *S, C] -> [B, *(S / f), *f, C]: each pooling window on its own axes."""
+    batch, *spatial, channels = x.shape
+    nd = len(spatial)
+    for size, f in zip(spatial, factors, strict=True):
+        if size % f:
+            raise ValueError(f"spatial size {size} is not divisible by pooling factor {f}")
+    shape = [batch]
+    for size, f in zip(spatial, factors, strict=True):
+        shape += [size // f, f]
+    x = x.reshape(*shape, channels)
+    order = [0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1]
+    return x.transpose(order)
+
+
+def max_pool(x: jnp.ndarray, factors: Sequence[int]) -> jnp.ndarray:
+    """Max-pool with window == stride as reshape + max (no reduce-window)."""
+    nd = x.ndim - 2
+    return space_to_blocks(x, factors).max(axis=tuple(range(1 + nd, 1 + 2 * nd)))
+
+
+class UpsampleMatmul(nn.Module):
+    """Transposed convolution with kernel == stride, as one matmul + depth-to-space.
+
+    Mathematically identical to ``jax.lax.conv_transpose`` with kernel size == stride
+    (see ``to_conv_transpose_kernel``); the kernel is stored as ``[C_in, prod(f) * C_out]``.
+    """
+
+    features: int
+    factors: Sequence[int]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        n = int(np.prod(self.factors))
+        y = nn.Dense(
+            n * self.features,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+            name="kernel",
+        )(x)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = depth_to_space(y, self.factors)
+        return y + bias.astype(y.dtype)
+
+
+def to_conv_transpose_kernel(kernel: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Matmul kernel [C_in, prod(f)*C_out] -> conv_transpose kernel [*f, C_in, C_out].
+
+    ``jax.lax.conv_transpose(x, k, strides=f, padding="VALID")`` (default
+    ``transpose_kernel=False``) with this kernel equals ``UpsampleMatmul``. That op
+    correlates the dilated input with the kernel, hence the spatial flip.
+    """
+    c_in = kernel.shape[0]
+    k = np.moveaxis(np.asarray(kernel).reshape(c_in, *factors, -1), 0, len(factors))
+    return np.ascontiguousarray(k[tuple(slice(None, None, -1) for _ in factors)])
+
+
+class ConvNormAct(nn.Module):
+    """Conv -> InstanceNorm -> LeakyReLU(0.01), nnU-Net's basic block.
+
+    Padding is symmetric ``k // 2`` per side (as PyTorch's nnU-Net), so a stride-s conv
+    maps size n to n / s for n divisible by s. Params stay float32; compute in ``dtype``.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int]
+    dtype: jnp.dtype = jnp.float32
+    negative_slope: float = 0.01
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = nn.Conv(
+            self.features,
+            tuple(self.kernel_size),
+            strides=tuple(self.strides),
+            padding=[(k // 2, k // 2) for k in self.kernel_size],
+            dtype=self.dtype,
+            kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+            name="conv",
+        )(x)
+        x = instance_norm(x, self.param, self.features)
+        return nn.leaky_relu(x, self.negative_slope)
+
+
+def instance_norm(x: jnp.ndarray, param_fn, features: int, eps: float = 1e-5) -> jnp.ndarray:
+    """Instance norm over spatial axes with affine scale/bias; statistics in float32."""
+    axes = tuple(range(1, x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(axes, keepdims=True)
+    var = jnp.square(xf - mean).mean(axes, keepdims=True)
+    scale = param_fn("norm_scale", nn.initializers.ones, (features,))
+    bias = param_fn("norm_bias", nn.initializers.zeros, (features,))
+    y = (xf - mean) * (jnp.reciprocal(jnp.sqrt(var + eps)) * scale) + bias
+    return y.astype(x.dtype)

@@ -1,0 +1,171 @@
+"""``train_and_evaluate(config, workdir)``: the training loop, resumable and interrupt-safe.
+
+Rerunning the same command on a workdir resumes from its latest checkpoint exactly: the
+batch of step s depends only on (seed, s), the step key is ``fold_in(seed, s)``, and the
+optimizer state is restored with the parameters.
+"""
+
+import json
+import logging
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+from unetjax.checkpointing import Checkpointer, abstract_like
+from unetjax.data.augment import AugmentConfig
+from unetjax.data.pipeline import make_train_loader
+from unetjax.evaluation import mean_foreground_dice, score_cases
+from unetjax.experiment import Experiment, build_experiment, save_config
+from unetjax.training.state import init_train_state, make_optimizer
+from unetjax.training.step import make_predict_fn, make_train_step
+from unetjax.training.writer import MetricWriter
+
+log = logging.getLogger("unetjax")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient; the last good checkpoint is kept."""
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled programs across runs (``$UNETJAX_CACHE`` or ~/.cache/unetjax/jax)."""
+    import os
+
+    root = pathlib.Path(os.environ.get("UNETJAX_CACHE", "~/.cache/unetjax")).expanduser()
+    jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def validate(exp: Experiment, predict, params) -> float:
+    """Mean foreground Dice on the validation split (sliding window, whole cases)."""
+    case_ids = exp.split["val"]
+    if exp.config.eval.max_val_cases:
+        case_ids = case_ids[: exp.config.eval.max_val_cases]
+    return mean_foreground_dice(score_cases(exp, predict, params, case_ids))
+
+
+def _compile(step_fn, state, batch):
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    temp = getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory is not None else 0.0
+    log.info("train step compiled in %.1f s (temp buffers %.0f MiB)", seconds, temp)
+    return compiled, seconds
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
+    """Train ``config`` into ``workdir`` (resuming if it holds checkpoints); returns a summary."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache()
+    exp = build_experiment(config, workdir)
+    save_config(config, workdir)
+    (workdir / "plan.json").write_text(json.dumps(exp.plan(), indent=2))
+    tc = config.train
+    log.info("plan: %s", json.dumps(exp.plan()))
+
+    tx = make_optimizer(tc)
+    state = init_train_state(exp, tx)
+    checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
+    start_step = 0
+    if checkpointer.latest_step() is not None:
+        state, _ = checkpointer.restore_latest(abstract_like(state))
+        start_step = int(state.step)
+        log.info("resumed from %s at step %d", checkpointer.latest.directory, start_step)
+
+    loader = make_train_loader(
+        exp.dataset,
+        exp.split["train"],
+        patch_size=exp.patch_size,
+        batch_size=tc.batch_size,
+        seed=config.seed,
+        fg_oversample=config.data.fg_oversample,
+        augment=AugmentConfig.from_config(config.data.augment),
+        normalization=config.data.normalization,
+        num_threads=config.data.num_threads,
+        prefetch=config.data.prefetch,
+        start_step=start_step,
+        ct_stats=exp.ct_stats,
+    )
+    train_step = make_train_step(exp.model, tx, batch_dice=tc.batch_dice)
+    predict = make_predict_fn(exp.model)
+    writer = MetricWriter(workdir)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    summary = {"start_step": start_step, "num_steps": tc.num_steps}
+    try:
+        summary.update(
+            _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_step)
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        checkpointer.wait()
+        checkpointer.close()
+        loader.close()
+        writer.close()
+    return summary
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_step) -> dict:
+    tc = exp.config.train
+    compiled = None
+    pending = None  # (step, metrics on device): read one step late
+    best = -np.inf
+    train_seconds = 0.0
+    progress = tqdm.tqdm(
+        total=tc.num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+    )
+    t0 = time.perf_counter()
+    for step in range(start_step, tc.num_steps):
+        batch = jax.device_put(next(loader))
+        if compiled is None:
+            compiled, _ = _compile(train_step, state, batch)
+            t0 = time.perf_counter()
+        state, step_metrics = compiled(state, batch)
+        if pending is not None:
+            _log_metrics(pending, writer, progress, checkpointer)
+            pending = None
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.num_steps:
+            pending = (done, step_metrics, state.nonfinite_steps)
+        progress.update(1)
+        is_last = done == tc.num_steps
+        if done % tc.eval_every == 0 or is_last:
+            if pending is not None:
+                _log_metrics(pending, writer, progress, checkpointer)
+                pending = None
+            dice = validate(exp, predict, state.params)
+            writer.write(done, {"val_dice": dice})
+            progress.write(f"step {done}: validation Dice {dice:.4f}")
+            checkpointer.save_best(done, state, dice if np.isfinite(dice) else -1.0)
+            best = max(best, dice)
+        if done % tc.checkpoint_every == 0 or is_last:
+            checkpointer.save(done, state, loader.get_state(), force=is_last)
+    if pending is not None:
+        _log_metrics(pending, writer, progress, checkpointer)
+    progress.close()
+    train_seconds = time.perf_counter() - t0
+    return {"train_seconds": train_seconds, "best_val_dice": float(best)}
+
+
+def _log_metrics(pending, writer, progress, checkpointer) -> None:
+    step, metrics, nonfinite = pending
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    writer.write(step, values)
+    progress.set_postfix(loss=f"{values['loss']:.4f}")
+    if int(nonfinite):
+        last = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at or before step {step} (loss {values['loss']}); "
+            f"training stopped. Those updates were skipped, and the last checkpoint "
+            f"(step {last}) under {checkpointer.latest.directory} is intact. Lower "
+            f"train.learning_rate or check the data, then rerun to resume."
+        )
