@@ -32,7 +32,7 @@ def main(argv):
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     summary = train_and_evaluate(config, workdir)
-    print(f"training done: {summary}")
+    print("training done:", {k: v for k, v in summary.items() if k != "state"})
     if flags.FLAGS.eval:
         result = evaluate_workdir(workdir, "test")
         print(

@@ -64,4 +64,5 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 8
     c.eval.mirror_tta = False
     c.eval.max_val_cases = 0  # cap on validation cases during training; 0 = all
+    c.lock()  # new keys are errors; configs may only change declared ones
     return c

@@ -18,7 +18,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def resolve_data_path(path: str) -> pathlib.Path:
-    """A dataset path as given, else relative to the repository (for the bundled data)."""
+    """A path as given, else relative to the repository (bundled data, split files)."""
     candidate = pathlib.Path(path).expanduser()
     if not candidate.exists() and not candidate.is_absolute() and (REPO_ROOT / path).exists():
         return REPO_ROOT / path
@@ -88,7 +88,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.P
         workdir,
         manifest.case_ids,
         {
-            "split_file": data_cfg.split_file,
+            "split_file": str(resolve_data_path(data_cfg.split_file))
+            if data_cfg.split_file
+            else "",
             "seed": data_cfg.split_seed,
             "val_fraction": data_cfg.val_fraction,
             "test_fraction": data_cfg.test_fraction,

@@ -412,9 +412,10 @@ def _check_spacing(path: PathLike, spacing) -> None:
 def read_npz_case(path: PathLike) -> LoadedCase:
     """A ``volumes/NAME.npz`` case (see the module notes for the channel rule)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise DataError(f"{path}: not an npz archive (a single .npy array)")
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):
+            raise DataError(f"{path}: not an npz archive (a single .npy array)")
+        with z:
             if "image" not in z.files:
                 raise DataError(f"{path}: missing key 'image' (keys: {sorted(z.files)})")
             image = z["image"]

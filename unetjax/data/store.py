@@ -560,6 +560,12 @@ def _prepare_case(
             raise DataError(
                 f"{path}: mask values outside 0..{limit - 1}: {_fmt_values(vals)}{hint}"
             )
+        if opts.num_classes is None and ids.size and int(ids.max()) == 255:
+            raise DataError(
+                f"{path}: mask values {_fmt_values(np.unique(ids))} look like a 0/255 "
+                "binary mask, not class ids; pass label_map={255: 1} "
+                "(values are not remapped silently)"
+            )
         lab = ids.astype(np.uint8)
     return loaded, lab
 
@@ -628,14 +634,6 @@ def _validate(layout: dio.SourceLayout, opts: _Options) -> tuple[list[_Checked],
     elif max_label < 0:
         num_classes = 0
     else:
-        for ch in checked:
-            if ch.counts is not None and len(ch.counts) > 255 and ch.counts[255] > 0:
-                vals = np.nonzero(ch.counts)[0]
-                raise DataError(
-                    f"{ch.case.label_path}: mask values {_fmt_values(vals)} look like a "
-                    "0/255 binary mask, not class ids; pass label_map={255: 1} "
-                    "(values are not remapped silently)"
-                )
         num_classes = max(2, max_label + 1)
     return checked, channels, num_classes
 

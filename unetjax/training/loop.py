@@ -58,8 +58,12 @@ def _compile(step_fn, state, batch):
     return compiled, seconds
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
-    """Train ``config`` into ``workdir`` (resuming if it holds checkpoints); returns a summary."""
+def train_and_evaluate(config, workdir: str | pathlib.Path, stop_at: int | None = None) -> dict:
+    """Train ``config`` into ``workdir`` (resuming if it holds checkpoints); returns a summary.
+
+    ``stop_at`` ends the run early at that step with a checkpoint, as an interruption would
+    (for time-sliced jobs); rerunning continues to ``train.num_steps``.
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache()
@@ -99,7 +103,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     summary = {"start_step": start_step, "num_steps": tc.num_steps}
     try:
         summary.update(
-            _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_step)
+            _loop(
+                exp, state, train_step, predict, loader, checkpointer, writer, start_step, stop_at
+            )
         )
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
@@ -114,17 +120,17 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_step) -> dict:
+def _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_step, stop_at):
     tc = exp.config.train
+    end = tc.num_steps if stop_at is None else min(stop_at, tc.num_steps)
     compiled = None
-    pending = None  # (step, metrics on device): read one step late
+    pending = None  # (step, metrics still on device): read one step late
     best = -np.inf
-    train_seconds = 0.0
     progress = tqdm.tqdm(
         total=tc.num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
     )
     t0 = time.perf_counter()
-    for step in range(start_step, tc.num_steps):
+    for step in range(start_step, end):
         batch = jax.device_put(next(loader))
         if compiled is None:
             compiled, _ = _compile(train_step, state, batch)
@@ -135,7 +141,7 @@ def _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_s
             pending = None
         done = step + 1
         if done % tc.log_every == 0 or done == tc.num_steps:
-            pending = (done, step_metrics, state.nonfinite_steps)
+            pending = (done, step_metrics)
         progress.update(1)
         is_last = done == tc.num_steps
         if done % tc.eval_every == 0 or is_last:
@@ -147,18 +153,19 @@ def _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_s
             progress.write(f"step {done}: validation Dice {dice:.4f}")
             checkpointer.save_best(done, state, dice if np.isfinite(dice) else -1.0)
             best = max(best, dice)
-        if done % tc.checkpoint_every == 0 or is_last:
-            checkpointer.save(done, state, loader.get_state(), force=is_last)
+        if done % tc.checkpoint_every == 0 or done == end:
+            checkpointer.save(done, state, loader.get_state(), force=done == end)
     if pending is not None:
         _log_metrics(pending, writer, progress, checkpointer)
     progress.close()
     train_seconds = time.perf_counter() - t0
-    return {"train_seconds": train_seconds, "best_val_dice": float(best)}
+    return {"train_seconds": train_seconds, "best_val_dice": float(best), "state": state}
 
 
 def _log_metrics(pending, writer, progress, checkpointer) -> None:
-    step, metrics, nonfinite = pending
+    step, metrics = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    nonfinite = values.pop("nonfinite_steps")
     writer.write(step, values)
     progress.set_postfix(loss=f"{values['loss']:.4f}")
     if int(nonfinite):

@@ -27,7 +27,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, batch_dice: bool
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = state.replace(
@@ -36,7 +36,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *, batch_dice: bool
             opt_state=keep(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         )
-        return new_state, {"loss": loss, "grad_norm": grad_norm}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "nonfinite_steps": new_state.nonfinite_steps,
+        }
+        return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)
 

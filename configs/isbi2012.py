@@ -1,0 +1,31 @@
+"""2D ISBI 2012 EM membranes (30 slices of 512x512), membranes as the foreground class.
+
+The source masks are 1 = cell interior, 0 = membrane; ``label_map`` swaps them so class 1
+is the membrane, as in the U-Net paper. Command:
+``python train.py --config configs/isbi2012.py --workdir runs/isbi2012``
+(data from ``../shared/data/isbi2012_em``). Held-out slices: seeded 20% test split.
+Hardware / runtime / result: see the README's results table.
+"""
+
+from unetjax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.data.path = "../shared/data/isbi2012_em"
+    c.data.label_map = {0: 1, 1: 0}
+    c.data.test_fraction = 0.2
+    c.data.val_fraction = 0.1
+    c.data.patch_size = (128, 128)
+    c.model.base_features = 16
+    c.model.max_features = 256
+    c.model.num_stages = 5
+    c.train.optimizer = "adamw"
+    c.train.learning_rate = 2e-3
+    c.train.weight_decay = 1e-4
+    c.train.schedule = "cosine"
+    c.train.warmup_steps = 50
+    c.train.num_steps = 600
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    return c
