@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from unetjax.models import UNet, stage_features, unet_param_count
-from unetjax.models.layers import UpsampleMatmul, max_pool, to_conv_transpose_kernel
+from unetjax.models.layers import (
+    UpsampleMatmul,
+    conv3d_depth_folded,
+    conv_native,
+    max_pool,
+    to_conv_transpose_kernel,
+)
 
 
 def _count(params) -> int:
@@ -86,3 +92,40 @@ def test_max_pool_equals_reduce_window():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 6, 4, 3)), jnp.float32)
     ref = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1, 1), (1, 2, 2, 1, 1), "VALID")
     np.testing.assert_array_equal(np.asarray(max_pool(x, (2, 2, 1))), np.asarray(ref))
+
+
+@pytest.mark.parametrize(
+    "kernel,strides",
+    [
+        ((3, 3, 3), (1, 1, 1)),
+        ((3, 3, 3), (2, 2, 2)),
+        ((1, 3, 3), (1, 2, 2)),
+        ((3, 1, 3), (2, 1, 1)),
+        ((1, 1, 1), (1, 1, 1)),
+    ],
+)
+def test_depth_folded_conv3d_equals_native(kernel, strides):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 8, 4, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, 3, 5)), jnp.float32)
+
+    def loss(fn, x, w):
+        return jnp.sum(jnp.sin(fn(x, w, strides)))
+
+    for argnum in (None, 0, 1):
+        if argnum is None:
+            a, b = conv_native(x, w, strides), conv3d_depth_folded(x, w, strides)
+        else:
+            a = jax.grad(loss, argnums=argnum + 1)(conv_native, x, w)
+            b = jax.grad(loss, argnums=argnum + 1)(conv3d_depth_folded, x, w)
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_unet_conv_impls_agree():
+    args = (2, (4, 8), [(1, 1, 1), (2, 2, 2)], [(3, 3, 3)] * 2)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 8, 1)), jnp.float32)
+    variables = UNet(*args, conv_impl="native").init(jax.random.key(0), x)
+    native = UNet(*args, conv_impl="native").apply(variables, x)
+    folded = UNet(*args, conv_impl="folded").apply(variables, x)
+    np.testing.assert_allclose(np.asarray(native), np.asarray(folded), rtol=1e-4, atol=1e-4)

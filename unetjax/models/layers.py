@@ -8,6 +8,7 @@ followed by depth-to-space and pools with reshape + max.
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -85,6 +86,77 @@ def to_conv_transpose_kernel(kernel: np.ndarray, factors: Sequence[int]) -> np.n
     return np.ascontiguousarray(k[tuple(slice(None, None, -1) for _ in factors)])
 
 
+def conv_native(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int]) -> jnp.ndarray:
+    """N-d convolution with symmetric ``k // 2`` padding (XLA's conv)."""
+    nd = x.ndim - 2
+    spatial = "DHW"[-nd:] if nd <= 3 else None
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        tuple(strides),
+        [(k // 2, k // 2) for k in kernel.shape[:nd]],
+        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+    )
+
+
+def conv3d_depth_folded(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int]) -> jnp.ndarray:
+    """3D convolution as one 2D convolution: depth taps stacked on channels, depth on batch.
+
+    ``[B, D, H, W, C]`` -> the ``kd`` depth-shifted (and depth-strided) slabs concatenated
+    on channels ``[B * D_out, H, W, kd * C]`` -> 2D conv with the kernel reshaped to
+    ``[kh, kw, kd * C, F]``. Mathematically identical to ``conv_native``; on XLA CPU its
+    forward + backward is 4-75x faster (3D convs there are not well optimised;
+    ``benchmarks/conv3d_cpu.py``).
+    """
+    kd, kh, kw, cin, cout = kernel.shape
+    batch, depth = x.shape[:2]
+    sd = strides[0]
+    pad = kd // 2
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0))) if pad else x
+    d_out = (depth + 2 * pad - kd) // sd + 1
+    slabs = [xp[:, dz : dz + sd * (d_out - 1) + 1 : sd] for dz in range(kd)]
+    folded = jnp.concatenate(slabs, axis=-1) if kd > 1 else slabs[0]
+    folded = folded.reshape(batch * d_out, *x.shape[2:4], kd * cin)
+    kernel2d = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * cin, cout)
+    y = conv_native(folded, kernel2d, strides[1:])
+    return y.reshape(batch, d_out, *y.shape[1:])
+
+
+class Conv(nn.Module):
+    """Convolution with symmetric ``k // 2`` padding, kernel ``[*k, C_in, C_out]`` + bias.
+
+    ``impl``: ``"native"`` (XLA's conv), ``"folded"`` (3D as a depth-folded 2D conv, see
+    ``conv3d_depth_folded``) or ``"auto"`` (folded for 3D on CPU, native elsewhere). The
+    parameters are the same for every impl, so checkpoints move between them.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int]
+    dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param(
+            "kernel",
+            nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+            (*self.kernel_size, x.shape[-1], self.features),
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        impl = self.impl
+        if impl == "auto":
+            impl = "folded" if x.ndim == 5 and jax.default_backend() == "cpu" else "native"
+        if impl == "folded" and x.ndim == 5:
+            y = conv3d_depth_folded(x, kernel, self.strides)
+        elif impl in ("native", "folded"):
+            y = conv_native(x, kernel, self.strides)
+        else:
+            raise ValueError(f"conv impl must be auto, native or folded; got {self.impl!r}")
+        return y + bias.astype(y.dtype)
+
+
 class ConvNormAct(nn.Module):
     """Conv -> InstanceNorm -> LeakyReLU(0.01), nnU-Net's basic block.
 
@@ -97,16 +169,16 @@ class ConvNormAct(nn.Module):
     strides: Sequence[int]
     dtype: jnp.dtype = jnp.float32
     negative_slope: float = 0.01
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = nn.Conv(
+        x = Conv(
             self.features,
             tuple(self.kernel_size),
-            strides=tuple(self.strides),
-            padding=[(k // 2, k // 2) for k in self.kernel_size],
+            tuple(self.strides),
             dtype=self.dtype,
-            kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+            impl=self.conv_impl,
             name="conv",
         )(x)
         x = instance_norm(x, self.param, self.features)

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from unetjax.models.layers import ConvNormAct, UpsampleMatmul, max_pool
+from unetjax.models.layers import Conv, ConvNormAct, UpsampleMatmul, max_pool
 
 
 def stage_features(num_stages: int, base: int, maximum: int) -> tuple[int, ...]:
@@ -58,6 +58,7 @@ class UNet(nn.Module):
     downsample: str = "conv"  # "conv" (strided conv, nnU-Net) or "maxpool"
     deep_supervision: bool = False
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"  # see layers.Conv: folded 3D convs on CPU, native elsewhere
 
     def setup_check(self, x: jnp.ndarray) -> None:
         n = len(self.features)
@@ -88,6 +89,7 @@ class UNet(nn.Module):
                     kernel,
                     first_stride if j == 0 else (1,) * len(stride),
                     dtype=self.dtype,
+                    conv_impl=self.conv_impl,
                     name=f"encoder_{i}_conv_{j}",
                 )(x)
             skips.append(x)
@@ -110,12 +112,18 @@ class UNet(nn.Module):
                     self.kernel_sizes[level],
                     (1,) * len(self.strides[level]),
                     dtype=self.dtype,
+                    conv_impl=self.conv_impl,
                     name=f"decoder_{level}_conv_{j}",
                 )(x)
             if self.deep_supervision or level == 0:
                 ndim = x.ndim - 2
-                head = nn.Conv(
-                    self.num_classes, (1,) * ndim, dtype=self.dtype, name=f"head_{level}"
+                head = Conv(
+                    self.num_classes,
+                    (1,) * ndim,
+                    (1,) * ndim,
+                    dtype=self.dtype,
+                    impl=self.conv_impl,
+                    name=f"head_{level}",
                 )(x)
                 outputs.append(head.astype(jnp.float32))
         outputs = outputs[::-1]  # full resolution first
