@@ -19,11 +19,28 @@ from unetjax.evaluation import evaluate_workdir, format_summary
 from unetjax.training.loop import train_and_evaluate
 
 HERE = pathlib.Path(__file__).resolve().parent
-config_flags.DEFINE_config_file(
-    "config", str(HERE / "configs" / "nuclei.py"), "Config file.", lock_config=True
-)
 flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, logs and results go.")
 flags.DEFINE_bool("eval", True, "Evaluate the best checkpoint on the test split afterwards.")
+
+
+def parse_flags(argv):
+    """absl parsing, with a one-line error for a bad config override (no traceback).
+
+    ml_collections applies ``--config.*`` overrides while the flag is defined, so the
+    config flag is defined here rather than at import.
+    """
+    try:
+        config_flags.DEFINE_config_file(
+            "config", str(HERE / "configs" / "nuclei.py"), "Config file.", lock_config=True
+        )
+        rest = flags.FLAGS(argv)
+        _ = flags.FLAGS.config.data  # a missing or broken config file fails here
+        return rest
+    except (AttributeError, KeyError, OSError, TypeError, ValueError, flags.Error) as e:
+        sys.exit(
+            f"train.py: bad flag or config override: {e}\n"
+            "(every config key and its default is in unetjax/config.py)"
+        )
 
 
 def main(argv):
@@ -45,4 +62,4 @@ def main(argv):
 if __name__ == "__main__":
     logging.basicConfig(stream=sys.stdout, format="%(asctime)s %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -42,6 +42,7 @@ def tiny_config(small_nuclei, tmp_path_factory):
     c.data.store_dir = str(tmp_path_factory.getbasetemp() / "nuclei_small_store")
     c.data.patch_size = (32, 32)
     c.data.num_threads = 1
+    c.mesh.data = 1  # one of the 8 fake test devices
     c.data.test_fraction = 0.25
     c.data.val_fraction = 0.2
     c.model.base_features = 4

@@ -59,6 +59,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
 
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices on the data axis; -1 = all devices not used by `space`
+    c.mesh.space = 1  # spatial partitioning of 3D patches (first spatial axis)
+    c.mesh.fsdp_pattern = ""  # regex on parameter paths to shard over `data` (FSDP)
+    c.mesh.distributed = False  # jax.distributed.initialize() with cluster auto-detection
+    c.mesh.coordinator = ""  # "host:port": explicit multi-process set-up (or env vars)
+    c.mesh.num_processes = 0
+    c.mesh.process_id = -1
+
     c.eval = ml_collections.ConfigDict()
     c.eval.step = 0.5  # sliding-window step as a fraction of the patch
     c.eval.batch_size = 8

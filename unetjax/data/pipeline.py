@@ -272,6 +272,24 @@ class PatchSampler:
         return out
 
 
+class ProcessSlice:
+    """Local element k of a process -> its global element index.
+
+    Each process loads its own contiguous ``B / P`` elements of every global batch of size
+    ``B``, so the union over processes is exactly the single-process batch.
+    """
+
+    def __init__(self, global_size: int, process_index: int, process_count: int):
+        self.global_size = global_size
+        self.local_size = global_size // process_count
+        self.offset = process_index * self.local_size
+
+    def __call__(self, k: int) -> int:
+        k = int(k)
+        step, j = divmod(k, self.local_size)
+        return step * self.global_size + self.offset + j
+
+
 class TrainLoader:
     """Infinite iterator of training batches; see the module docstring.
 
@@ -281,10 +299,22 @@ class TrainLoader:
     """
 
     def __init__(
-        self, sampler: PatchSampler, *, num_threads: int, prefetch: int, start_step: int = 0
+        self,
+        sampler: PatchSampler,
+        *,
+        num_threads: int,
+        prefetch: int,
+        start_step: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
     ):
         self.sampler = sampler
-        self.batch_size = sampler.batch_size
+        if sampler.batch_size % process_count:
+            raise ValueError(
+                f"batch size {sampler.batch_size} is not divisible by {process_count} processes"
+            )
+        self.slice = ProcessSlice(sampler.batch_size, process_index, process_count)
+        self.batch_size = self.slice.local_size
         self.num_threads = int(num_threads)
         self.prefetch = int(prefetch)
         self._it = None
@@ -295,7 +325,7 @@ class TrainLoader:
             raise ValueError(f"step must be >= 0, got {step}")
         self.close()
         b = self.batch_size
-        dataset = grain.MapDataset.range(step * b, _INDEX_LIMIT).map(self.sampler)
+        dataset = grain.MapDataset.range(step * b, _INDEX_LIMIT).map(self.slice).map(self.sampler)
         options = grain.ReadOptions(
             num_threads=max(1, self.num_threads), prefetch_buffer_size=max(1, self.prefetch) * b
         )
@@ -348,6 +378,8 @@ def make_train_loader(
     start_step: int = 0,
     ct_stats: Mapping | None = None,
     with_meta: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> TrainLoader:
     """Build the infinite, deterministic training iterator (see module docstring).
 
@@ -366,6 +398,8 @@ def make_train_loader(
       ct_stats: dataset foreground stats for ``"ct"``; computed from ``case_ids`` when None.
       with_meta: also yield ``index``, ``case_index``, ``origin`` (un-augmented patch
         origin) and ``fg_forced`` per element (for tests/debugging).
+      process_index / process_count: multi-process runs; ``batch_size`` is the global batch
+        and this process yields its ``batch_size / process_count`` elements of each.
     """
     manifest = dataset.manifest
     case_ids = list(case_ids)
@@ -405,5 +439,10 @@ def make_train_loader(
         with_meta=with_meta,
     )
     return TrainLoader(
-        sampler, num_threads=num_threads, prefetch=prefetch, start_step=int(start_step)
+        sampler,
+        num_threads=num_threads,
+        prefetch=prefetch,
+        start_step=int(start_step),
+        process_index=process_index,
+        process_count=process_count,
     )

@@ -135,6 +135,7 @@ class Conv(nn.Module):
     strides: Sequence[int]
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -143,7 +144,6 @@ class Conv(nn.Module):
             nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
             (*self.kernel_size, x.shape[-1], self.features),
         )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         impl = self.impl
         if impl == "auto":
@@ -154,11 +154,17 @@ class Conv(nn.Module):
             y = conv_native(x, kernel, self.strides)
         else:
             raise ValueError(f"conv impl must be auto, native or folded; got {self.impl!r}")
+        if not self.use_bias:
+            return y
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
         return y + bias.astype(y.dtype)
 
 
 class ConvNormAct(nn.Module):
     """Conv -> InstanceNorm -> LeakyReLU(0.01), nnU-Net's basic block.
+
+    The conv has no bias: instance norm subtracts the per-channel mean, so a bias there
+    gets a zero gradient (in float arithmetic: noise, which Adam would amplify).
 
     Padding is symmetric ``k // 2`` per side (as PyTorch's nnU-Net), so a stride-s conv
     maps size n to n / s for n divisible by s. Params stay float32; compute in ``dtype``.
@@ -179,6 +185,7 @@ class ConvNormAct(nn.Module):
             tuple(self.strides),
             dtype=self.dtype,
             impl=self.conv_impl,
+            use_bias=False,
             name="conv",
         )(x)
         x = instance_norm(x, self.param, self.features)

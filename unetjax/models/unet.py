@@ -142,7 +142,7 @@ def unet_param_count(
     """Closed-form parameter count of ``UNet`` (used by tests and the PyTorch twin)."""
 
     def conv(cin: int, cout: int, kernel: Sequence[int]) -> int:
-        return int(np.prod(kernel)) * cin * cout + cout  # weights + bias
+        return int(np.prod(kernel)) * cin * cout  # no bias: instance norm follows
 
     norm = 2  # scale + bias per channel
     total = 0
@@ -160,5 +160,5 @@ def unet_param_count(
             cin = feat
         ndim = len(kernel_sizes[level])
         if deep_supervision or level == 0:
-            total += conv(feat, num_classes, (1,) * ndim)
+            total += conv(feat, num_classes, (1,) * ndim) + num_classes  # head has a bias
     return total

@@ -10,6 +10,8 @@ import logging
 import pathlib
 import signal
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -20,6 +22,14 @@ from unetjax.data.augment import AugmentConfig
 from unetjax.data.pipeline import make_train_loader
 from unetjax.evaluation import mean_foreground_dice, score_cases
 from unetjax.experiment import Experiment, build_experiment, save_config
+from unetjax.sharding import (
+    batch_sharding,
+    global_batch,
+    local_batch_size,
+    make_mesh,
+    maybe_initialize_distributed,
+    state_shardings,
+)
 from unetjax.training.state import init_train_state, make_optimizer
 from unetjax.training.step import make_predict_fn, make_train_step
 from unetjax.training.writer import MetricWriter
@@ -58,23 +68,51 @@ def _compile(step_fn, state, batch):
     return compiled, seconds
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path, stop_at: int | None = None) -> dict:
+def sharded_setup(exp: Experiment, tx, mesh):
+    """(fresh state on the mesh, train step compiled for it, state shardings)."""
+    fsdp = exp.config.mesh.fsdp_pattern
+
+    def init():
+        return init_train_state(exp, tx)
+
+    shardings = state_shardings(jax.eval_shape(init), mesh, fsdp)
+    state = jax.jit(init, out_shardings=shardings)()
+    step = make_train_step(
+        exp.model,
+        tx,
+        batch_dice=exp.config.train.batch_dice,
+        state_sharding=shardings,
+        batch_sharding=batch_sharding(mesh, len(exp.patch_size)),
+    )
+    return state, step
+
+
+def train_and_evaluate(
+    config, workdir: str | pathlib.Path, stop_at: int | None = None, devices=None
+) -> dict:
     """Train ``config`` into ``workdir`` (resuming if it holds checkpoints); returns a summary.
 
     ``stop_at`` ends the run early at that step with a checkpoint, as an interruption would
-    (for time-sliced jobs); rerunning continues to ``train.num_steps``.
+    (for time-sliced jobs); rerunning continues to ``train.num_steps``. ``devices`` limits
+    the mesh to those devices (tests); by default ``config.mesh`` spans all of them.
     """
+    maybe_initialize_distributed(config.mesh)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache()
     exp = build_experiment(config, workdir)
-    save_config(config, workdir)
-    (workdir / "plan.json").write_text(json.dumps(exp.plan(), indent=2))
+    primary = jax.process_index() == 0
+    if primary:
+        save_config(config, workdir)
+        (workdir / "plan.json").write_text(json.dumps(exp.plan(), indent=2))
     tc = config.train
     log.info("plan: %s", json.dumps(exp.plan()))
+    mesh = make_mesh(config.mesh, devices)
+    local_batch_size(tc.batch_size, mesh)  # validates divisibility before any work
+    log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
 
     tx = make_optimizer(tc)
-    state = init_train_state(exp, tx)
+    state, train_step = sharded_setup(exp, tx, mesh)
     checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
     start_step = 0
     if checkpointer.latest_step() is not None:
@@ -95,45 +133,67 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, stop_at: int | None 
         prefetch=config.data.prefetch,
         start_step=start_step,
         ct_stats=exp.ct_stats,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    train_step = make_train_step(exp.model, tx, batch_dice=tc.batch_dice)
-    predict = make_predict_fn(exp.model)
-    writer = MetricWriter(workdir)
+    run = Run(
+        exp=exp,
+        train_step=train_step,
+        predict=make_predict_fn(exp.model, mesh=mesh),
+        loader=loader,
+        checkpointer=checkpointer,
+        writer=MetricWriter(workdir, enabled=primary),
+        batch_sharding=batch_sharding(mesh, len(exp.patch_size)),
+    )
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     summary = {"start_step": start_step, "num_steps": tc.num_steps}
     try:
-        summary.update(
-            _loop(
-                exp, state, train_step, predict, loader, checkpointer, writer, start_step, stop_at
-            )
-        )
+        summary.update(_loop(run, state, start_step, stop_at))
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         checkpointer.wait()
         checkpointer.close()
         loader.close()
-        writer.close()
+        run.writer.close()
     return summary
+
+
+class Run(NamedTuple):
+    """What the loop uses besides the state."""
+
+    exp: Experiment
+    train_step: Callable
+    predict: Callable
+    loader: Any
+    checkpointer: Checkpointer
+    writer: MetricWriter
+    batch_sharding: Any
 
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_step, stop_at):
+def _loop(run: Run, state, start_step: int, stop_at: int | None) -> dict:
+    exp, loader, checkpointer, writer = run.exp, run.loader, run.checkpointer, run.writer
     tc = exp.config.train
     end = tc.num_steps if stop_at is None else min(stop_at, tc.num_steps)
     compiled = None
     pending = None  # (step, metrics still on device): read one step late
     best = -np.inf
     progress = tqdm.tqdm(
-        total=tc.num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+        total=tc.num_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
     )
     t0 = time.perf_counter()
     for step in range(start_step, end):
-        batch = jax.device_put(next(loader))
+        batch = global_batch(next(loader), run.batch_sharding)
         if compiled is None:
-            compiled, _ = _compile(train_step, state, batch)
+            compiled, _ = _compile(run.train_step, state, batch)
             t0 = time.perf_counter()
         state, step_metrics = compiled(state, batch)
         if pending is not None:
@@ -148,7 +208,7 @@ def _loop(exp, state, train_step, predict, loader, checkpointer, writer, start_s
             if pending is not None:
                 _log_metrics(pending, writer, progress, checkpointer)
                 pending = None
-            dice = validate(exp, predict, state.params)
+            dice = validate(exp, run.predict, state.params)
             writer.write(done, {"val_dice": dice})
             progress.write(f"step {done}: validation Dice {dice:.4f}")
             checkpointer.save_best(done, state, dice if np.isfinite(dice) else -1.0)

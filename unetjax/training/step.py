@@ -6,14 +6,26 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from unetjax.inference.sliding_window import mirror_average
 from unetjax.losses import segmentation_loss
 from unetjax.training.state import TrainState
 
 
-def make_train_step(model, tx: optax.GradientTransformation, *, batch_dice: bool) -> Callable:
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    *,
+    batch_dice: bool,
+    state_sharding=None,
+    batch_sharding=None,
+) -> Callable:
     """``(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+    With shardings (``unetjax.sharding``) the step is compiled for the mesh: the batch
+    sharded as given, the state as given, metrics replicated. Without, plain ``jax.jit``.
 
     A non-finite loss or gradient leaves parameters and optimizer state unchanged and
     counts in ``state.nonfinite_steps``; the host stops training when it sees it.
@@ -43,23 +55,44 @@ def make_train_step(model, tx: optax.GradientTransformation, *, batch_dice: bool
         }
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    batch_shardings = {"image": batch_sharding, "label": batch_sharding}
+    metrics_sharding = NamedSharding(batch_sharding.mesh, P())
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_shardings),
+        out_shardings=(state_sharding, metrics_sharding),
+        donate_argnums=0,
+    )
 
 
-def make_predict_fn(model, mirror_axes: Sequence[int] = ()) -> Callable:
-    """Jitted ``(params, tiles [B, *patch, C]) -> logits [B, *patch, K]``.
+def make_predict_fn(model, mirror_axes: Sequence[int] = (), mesh=None) -> Callable:
+    """Jitted ``(params, tiles [B, *patch, C]) -> logits [B, *patch, K]`` (host numpy in).
 
     Uses the full-resolution head; with ``mirror_axes``, logits are averaged over all
     mirrorings (nnU-Net v2 TTA). Parameters are an argument, so new parameters (e.g. at
-    each validation) reuse the compiled program.
+    each validation) reuse the compiled program. With a ``mesh``, tiles are sharded over
+    its ``data`` axis where the batch divides evenly, and the logits come back replicated
+    (every process holds them).
     """
 
     def apply(params, tiles):
         out = model.apply({"params": params}, tiles)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        return out
 
-    @jax.jit
     def predict(params, tiles):
         return mirror_average(functools.partial(apply, params), tiles, mirror_axes)
 
-    return predict
+    if mesh is None:
+        return jax.jit(predict)
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(predict, out_shardings=replicated)
+
+    def sharded_predict(params, tiles):
+        divisible = tiles.shape[0] % mesh.shape["data"] == 0
+        tiles = jax.device_put(tiles, NamedSharding(mesh, P("data")) if divisible else replicated)
+        return jitted(params, tiles)
+
+    return sharded_predict
