@@ -11,6 +11,7 @@ import logging
 import pathlib
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -50,7 +51,9 @@ def main(argv):
     workdir = flags.FLAGS.workdir
     summary = train_and_evaluate(config, workdir)
     print("training done:", {k: v for k, v in summary.items() if k != "state"})
-    if flags.FLAGS.eval:
+    if flags.FLAGS.eval and jax.process_count() > 1:
+        print("multi-process run: evaluate with a single process: python eval.py --workdir ...")
+    elif flags.FLAGS.eval:
         result = evaluate_workdir(workdir, "test")
         print(
             f"test split ({result['num_scored']} cases, checkpoint step "

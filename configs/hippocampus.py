@@ -2,8 +2,9 @@
 
 Command: ``python train.py --config configs/hippocampus.py --workdir runs/hippocampus``
 (data from ``../shared/data/msd_hippocampus``; elsewhere pass ``--config.data.path``).
-Test split = the published 52 validation volumes (000-051). Hardware / runtime / result:
-see the README's results table (numbers from this command).
+Test split = the published 52 validation volumes (000-051). Measured (README results
+table): 2-core CPU, 525 s of training (800 steps); test Dice anterior 0.864, posterior
+0.855, mean 0.860.
 """
 
 from unetjax.config import default_config

@@ -1,7 +1,8 @@
 """Default config: 2D nuclei (DSB 2018, bundled CC0 subset), binary segmentation.
 
 Command: ``python train.py`` (same as ``--config configs/nuclei.py --workdir runs/default``).
-Hardware / runtime / result: see the README's results table (numbers from this command).
+Measured (README results table): 2-core CPU, 8 min wall from a fresh cache (ingestion, 600
+steps, test evaluation); test split (41 images) foreground Dice 0.910 +- 0.055.
 """
 
 from unetjax.config import default_config

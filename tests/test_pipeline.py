@@ -551,3 +551,24 @@ def test_too_large_patch_real_store(nuclei_ds):
     with pytest.raises(DataError, match=r"\(400, 64\).*\(360, 360\)"):
         _loader(nuclei_ds, patch_size=(400, 64))
     _take(_loader(nuclei_ds, patch_size=(300, 64), batch_size=2), 1)  # > some cases: padded
+
+
+def test_process_slices_make_up_the_single_process_batch(fake2d):
+    """Multi-host: each of P processes loads its B/P elements; together the global batch."""
+    whole = _take(_loader(fake2d, batch_size=4, with_meta=True, start_step=3), 2)
+    parts = [
+        _take(
+            _loader(
+                fake2d, batch_size=4, with_meta=True, start_step=3, process_index=i, process_count=2
+            ),
+            2,
+        )
+        for i in range(2)
+    ]
+    for step, batch in enumerate(whole):
+        for key in batch:
+            joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+    assert parts[0][0]["image"].shape[0] == 2
+    with pytest.raises(ValueError, match="not divisible"):
+        _loader(fake2d, batch_size=3, process_count=2)

@@ -35,8 +35,8 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
         pid = mesh_cfg.process_id
         if pid < 0:
             pid = int(os.environ["UNETJAX_PROCESS_ID"])
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU devices need a collectives backend across processes (GPU/TPU ignore this)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
     elif mesh_cfg.distributed:
         jax.distributed.initialize()
