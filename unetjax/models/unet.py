@@ -7,6 +7,12 @@ the bottom): kernel == stride transposed conv (as matmul + depth-to-space), conc
 the skip, ``convs_per_stage`` conv blocks; a 1x1 head at every decoder stage when deep
 supervision is on (highest resolution first), else only at the top.
 
+Dropout (off by default): with ``dropout_rate > 0`` an element-wise ``nn.Dropout`` follows
+each decoder stage's conv blocks (before its head and the next upsampling). It is active only
+when the model is called with ``train=True`` (training or MC-dropout sampling), which then
+needs ``rngs={"dropout": key}``. It has no parameters; with ``dropout_rate == 0`` (or
+``train=False``) parameters and outputs are exactly those of the model without it.
+
 Input-size rule: every spatial size must be divisible by the product of the strides along
 its axis (``total_stride``); ``UNet`` raises a ValueError naming the axis otherwise.
 """
@@ -47,7 +53,8 @@ class UNet(nn.Module):
     """nnU-Net-style U-Net; input ``[B, *spatial, C]``, output logits ``[B, *spatial, K]``.
 
     With ``deep_supervision`` the output is a tuple of logits, full resolution first, then
-    one per lower decoder stage (each at that stage's resolution).
+    one per lower decoder stage (each at that stage's resolution). ``train=True`` turns on
+    the decoder dropout (only when ``dropout_rate > 0``; needs a ``"dropout"`` rng).
     """
 
     num_classes: int
@@ -59,6 +66,7 @@ class UNet(nn.Module):
     deep_supervision: bool = False
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "auto"  # see layers.Conv: folded 3D convs on CPU, native elsewhere
+    dropout_rate: float = 0.0  # decoder dropout; only active with train=True
 
     def setup_check(self, x: jnp.ndarray) -> None:
         n = len(self.features)
@@ -67,12 +75,14 @@ class UNet(nn.Module):
                 f"features ({n}), strides ({len(self.strides)}) and kernel_sizes "
                 f"({len(self.kernel_sizes)}) need one entry per stage"
             )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.downsample not in ("conv", "maxpool"):
             raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
         check_input_size(x.shape[1:-1], self.strides)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray):
+    def __call__(self, x: jnp.ndarray, train: bool = False):
         self.setup_check(x)
         x = x.astype(self.dtype)
         skips = []
@@ -115,6 +125,10 @@ class UNet(nn.Module):
                     conv_impl=self.conv_impl,
                     name=f"decoder_{level}_conv_{j}",
                 )(x)
+            if self.dropout_rate > 0:
+                x = nn.Dropout(self.dropout_rate, name=f"decoder_{level}_dropout")(
+                    x, deterministic=not train
+                )
             if self.deep_supervision or level == 0:
                 ndim = x.ndim - 2
                 head = Conv(
