@@ -129,3 +129,21 @@ def test_unet_conv_impls_agree():
     native = UNet(*args, conv_impl="native").apply(variables, x)
     folded = UNet(*args, conv_impl="folded").apply(variables, x)
     np.testing.assert_allclose(np.asarray(native), np.asarray(folded), rtol=1e-4, atol=1e-4)
+
+
+def test_remat_same_params_outputs_and_gradients():
+    args = (2, (4, 8), [(1, 1), (2, 2)], [(3, 3)] * 2)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 1)), jnp.float32)
+    plain, remat = UNet(*args), UNet(*args, remat=True)
+    variables = plain.init(jax.random.key(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        jax.eval_shape(remat.init, jax.random.key(0), x)
+    )
+
+    def loss(model, params):
+        return jnp.sum(model.apply({"params": params}, x) ** 2)
+
+    g_plain = jax.grad(lambda p: loss(plain, p))(variables["params"])
+    g_remat = jax.grad(lambda p: loss(remat, p))(variables["params"])
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -42,6 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.downsample = "conv"  # conv | maxpool
     c.model.deep_supervision = True
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.dropout_rate = 0.0  # decoder dropout (MC-dropout uncertainty needs > 0)
+    c.model.remat = False  # rematerialise conv blocks: less memory for large 3D patches
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8

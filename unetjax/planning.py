@@ -58,4 +58,6 @@ def resolve_model_config(model_cfg, patch_size: Sequence[int], spacing: Sequence
         convs_per_stage=model_cfg.convs_per_stage,
         downsample=model_cfg.downsample,
         deep_supervision=model_cfg.deep_supervision,
+        dropout_rate=model_cfg.dropout_rate,
+        remat=model_cfg.remat,
     )

@@ -67,6 +67,7 @@ class UNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "auto"  # see layers.Conv: folded 3D convs on CPU, native elsewhere
     dropout_rate: float = 0.0  # decoder dropout; only active with train=True
+    remat: bool = False  # recompute each conv block in the backward pass (saves memory)
 
     def setup_check(self, x: jnp.ndarray) -> None:
         n = len(self.features)
@@ -85,6 +86,7 @@ class UNet(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False):
         self.setup_check(x)
         x = x.astype(self.dtype)
+        block = nn.remat(ConvNormAct) if self.remat else ConvNormAct  # same parameter tree
         skips = []
         for i, (feat, stride, kernel) in enumerate(
             zip(self.features, self.strides, self.kernel_sizes, strict=True)
@@ -94,7 +96,7 @@ class UNet(nn.Module):
                 x = max_pool(x, stride)
                 first_stride = (1,) * len(stride)
             for j in range(self.convs_per_stage):
-                x = ConvNormAct(
+                x = block(
                     feat,
                     kernel,
                     first_stride if j == 0 else (1,) * len(stride),
@@ -117,7 +119,7 @@ class UNet(nn.Module):
             )(x)
             x = jnp.concatenate([x, skips.pop()], axis=-1)
             for j in range(self.convs_per_stage):
-                x = ConvNormAct(
+                x = block(
                     self.features[level],
                     self.kernel_sizes[level],
                     (1,) * len(self.strides[level]),

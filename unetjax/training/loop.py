@@ -81,6 +81,7 @@ def sharded_setup(exp: Experiment, tx, mesh):
         exp.model,
         tx,
         batch_dice=exp.config.train.batch_dice,
+        seed=exp.config.seed,
         state_sharding=shardings,
         batch_sharding=batch_sharding(mesh, len(exp.patch_size)),
     )

@@ -19,6 +19,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     batch_dice: bool,
+    seed: int = 0,
     state_sharding=None,
     batch_sharding=None,
 ) -> Callable:
@@ -27,13 +28,18 @@ def make_train_step(
     With shardings (``unetjax.sharding``) the step is compiled for the mesh: the batch
     sharded as given, the state as given, metrics replicated. Without, plain ``jax.jit``.
 
-    A non-finite loss or gradient leaves parameters and optimizer state unchanged and
+    The step's PRNG key (decoder dropout) is ``fold_in(key(seed), step)``, so a resumed
+    run draws the same masks. A non-finite loss or gradient leaves parameters and optimizer state unchanged and
     counts in ``state.nonfinite_steps``; the host stops training when it sees it.
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+
         def loss_fn(params):
-            outputs = model.apply({"params": params}, batch["image"])
+            outputs = model.apply(
+                {"params": params}, batch["image"], train=True, rngs={"dropout": key}
+            )
             return segmentation_loss(outputs, batch["label"], batch_dice=batch_dice)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
