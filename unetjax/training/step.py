@@ -29,8 +29,9 @@ def make_train_step(
     sharded as given, the state as given, metrics replicated. Without, plain ``jax.jit``.
 
     The step's PRNG key (decoder dropout) is ``fold_in(key(seed), step)``, so a resumed
-    run draws the same masks. A non-finite loss or gradient leaves parameters and optimizer state unchanged and
-    counts in ``state.nonfinite_steps``; the host stops training when it sees it.
+    run draws the same masks. A non-finite loss or gradient leaves parameters and
+    optimizer state unchanged and counts in ``state.nonfinite_steps``; the host stops
+    training when it sees it.
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
