@@ -236,7 +236,8 @@ def make_genseg_step(
 ) -> Callable:
     """``(state, batch) -> (state, metrics)``; jitted (state donated) unless ``jit=False``
     (e.g. to ``jax.jit(jax.vmap(step))`` over seeds). ``compiler_options`` go to
-    ``jax.jit``. XLA CPU compiles of this step are slow (a tiny 2D genseg step: ~35 s);
+    ``jax.jit``. XLA CPU compiles of this step are slow (tiny 2D genseg step on the shared
+    2-core machine: ~35 s; the bench's 64^2 one: ~70 s);
     ``TEST_COMPILER_OPTIONS`` (optimisation level 0, legacy fusion emitters) cut that to
     ~5 s for ~3x slower code: for tests and smoke runs."""
     level1, level2, level3, val_step = LEVELS[cfg.mode]
