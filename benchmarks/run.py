@@ -40,9 +40,10 @@ they wait for is taken by another process; XLA's pool degrades gracefully). With
 PyTorch installed (e.g. on an accelerator machine), the JAX columns are still measured;
 without Grain, the data row is skipped.
 
---quick: 2 repeats (1 for the classic U-Net, at batch 1), no memory probes (~3-4
-minutes on an idle 2-core machine); full: 5 repeats (3), memory probes (~8 minutes idle,
-up to 15 under heavy load).
+--quick: 2 repeats (1 for the classic U-Net, at batch 1), no memory probes; full: 5
+repeats (3 for the classic U-Net), memory probes. Measured on the 2-core dev machine:
+quick 2 min 45 s and full 5 min 40 s when nearly idle; about 5 and 12-15 minutes at load
+average 5-7 (JAX compilation and the classic U-Net's steps take most of it).
 """
 
 from __future__ import annotations
@@ -597,6 +598,15 @@ def markdown(report: dict) -> str:
         "| GFLOP/call | JAX GFLOP/s | PyTorch GFLOP/s | MFU JAX | cores used JAX/PT |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    used = [r["jax"]["cores_used_median"] for r in report["rows"].values() if "jax" in r]
+    if env["cores"] > 1 and used and max(used) < 0.75 * env["cores"]:
+        lines[2:2] = [
+            f"**Warning: contended run** — no timed call got more than {max(used):.2f} of "
+            f"{env['cores']} cores (other work on the machine). Multi-threaded PyTorch "
+            "(OpenMP) slows down far more than XLA when cores are taken away: compare with "
+            "a `--threads 1` run or rerun on an idle machine before quoting these ratios.",
+            "",
+        ]
     for name, row in report["rows"].items():
         j, t = row.get("jax", {}), row.get("torch", {})
         if row["kind"] == "data":
@@ -633,7 +643,7 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             "| peak RSS above the post-import baseline, fresh process (MB) "
-            "| JAX: compile + 1st step | PyTorch: 1st step | JAX: a later step "
+            "| JAX: compile + first step(s) | PyTorch: first step(s) | JAX: a later step "
             "| PyTorch: a later step | JAX/PyTorch (later step) | XLA temporaries |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -670,7 +680,8 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (~3 minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats, classic U-Net at batch 1, no memory probes")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--only", default="", help="comma list of: train,infer,data or row "
                         "names (nuclei_2d, classic_2d, hippocampus_3d, infer_2d, infer_3d)")
