@@ -32,6 +32,7 @@ __all__ = [
     "gaussian_importance_map",
     "make_tta_predict_fn",
     "mirror_average",
+    "TileGrid",
     "sliding_window_predict",
     "window_starts",
 ]
@@ -91,7 +92,7 @@ def window_starts(
     return starts
 
 
-def _mirror_subsets(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+def mirror_subsets(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
     axes = tuple(int(a) for a in mirror_axes)
     if len(set(axes)) != len(axes):
         raise ValueError(f"mirror_axes has duplicates: {axes}")
@@ -105,7 +106,7 @@ def mirror_average(apply_fn: PredictFn, tiles: jax.Array, mirror_axes: Sequence[
     flip batch axes ``a + 1``. For every subset of ``mirror_axes`` (the empty one included) the
     tiles are flipped, passed through ``apply_fn``, flipped back, and the logits averaged.
     """
-    subsets = _mirror_subsets(mirror_axes)
+    subsets = mirror_subsets(mirror_axes)
     total = None
     for axes in subsets:
         batch_axes = tuple(a + 1 for a in axes)
@@ -133,6 +134,48 @@ def _weighted_softmax(logits, weight):
     """``softmax(logits) * weight`` over the class axis, float32, on device."""
     probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
     return probs * weight[None, ..., None]
+
+
+class TileGrid:
+    """An image padded to at least the patch (centred, nnU-Net ``pad_nd_image``) and its
+    sliding windows, served as fixed-size, zero-filled tile batches."""
+
+    def __init__(self, image, patch_size, step: float, batch_size: int, pad_value: float = 0.0):
+        image = np.asarray(image, np.float32)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        ndim = len(self.patch_size)
+        if image.ndim != ndim + 1:
+            raise ValueError(
+                f"image must be [*spatial, C] with {ndim} spatial axes, got shape {image.shape}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        spatial = image.shape[:ndim]
+        pads = [
+            (max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2)
+            for s, p in zip(spatial, self.patch_size, strict=True)
+        ]
+        if any(before or after for before, after in pads):
+            image = np.pad(image, [*pads, (0, 0)], mode="constant", constant_values=pad_value)
+        self.image = image
+        self.padded = image.shape[:ndim]
+        self.crop = tuple(
+            slice(before, before + s) for (before, _), s in zip(pads, spatial, strict=True)
+        )
+        self.windows = [
+            tuple(slice(s, s + p) for s, p in zip(corner, self.patch_size, strict=True))
+            for corner in itertools.product(*window_starts(self.padded, self.patch_size, step))
+        ]
+
+    def batches(self):
+        """Yield ``(windows, tiles [batch_size, *patch, C])``; the last batch zero-filled."""
+        for b in range(0, len(self.windows), self.batch_size):
+            batch_windows = self.windows[b : b + self.batch_size]
+            tiles = np.zeros((self.batch_size, *self.patch_size, self.image.shape[-1]), np.float32)
+            for i, sl in enumerate(batch_windows):
+                tiles[i] = self.image[sl]
+            yield batch_windows, tiles
 
 
 def sliding_window_predict(
@@ -169,15 +212,8 @@ def sliding_window_predict(
       float32 ``[*spatial, num_classes]``: per-tile softmax probabilities averaged with
       Gaussian weights (``sigma = patch / 8``); same spatial shape as ``image``.
     """
-    image = np.asarray(image, np.float32)
-    patch_size = tuple(int(p) for p in patch_size)
-    ndim = len(patch_size)
-    if image.ndim != ndim + 1:
-        raise ValueError(
-            f"image must be [*spatial, C] with {ndim} spatial axes, got shape {image.shape}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    grid = TileGrid(image, patch_size, step, batch_size, pad_value)
+    patch_size, ndim = grid.patch_size, len(grid.patch_size)
     mirror_axes = tuple(int(a) for a in mirror_axes)
     if any(not 0 <= a < ndim for a in mirror_axes):
         raise ValueError(f"mirror_axes {mirror_axes} out of range for {ndim} spatial axes")
@@ -187,26 +223,10 @@ def sliding_window_predict(
         except TypeError:  # unhashable callable: build an uncached wrapper
             predict_fn = make_tta_predict_fn(predict_fn, mirror_axes)
 
-    # Centred constant padding up to the patch size (nnU-Net pad_nd_image).
-    spatial = image.shape[:ndim]
-    pads = [
-        (max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2)
-        for s, p in zip(spatial, patch_size, strict=True)
-    ]
-    if any(before or after for before, after in pads):
-        image = np.pad(image, [*pads, (0, 0)], mode="constant", constant_values=pad_value)
-    padded = image.shape[:ndim]
-    channels = image.shape[-1]
-
-    starts = window_starts(padded, patch_size, step)
-    windows = [
-        tuple(slice(s, s + p) for s, p in zip(corner, patch_size, strict=True))
-        for corner in itertools.product(*starts)
-    ]
     gaussian = gaussian_importance_map(patch_size)
     gaussian_dev = jnp.asarray(gaussian)
-    acc = np.zeros((*padded, num_classes), np.float32)
-    weight = np.zeros(padded, np.float32)
+    acc = np.zeros((*grid.padded, num_classes), np.float32)
+    weight = np.zeros(grid.padded, np.float32)
     expected = (batch_size, *patch_size, num_classes)
 
     def consume(out, batch_windows):
@@ -217,11 +237,7 @@ def sliding_window_predict(
 
     # Dispatch batch k+1 before pulling batch k back, so host and device work overlap.
     pending = None
-    for b in range(0, len(windows), batch_size):
-        batch_windows = windows[b : b + batch_size]
-        tiles = np.zeros((batch_size, *patch_size, channels), np.float32)
-        for i, sl in enumerate(batch_windows):
-            tiles[i] = image[sl]
+    for batch_windows, tiles in grid.batches():
         logits = predict_fn(tiles)
         if tuple(logits.shape) != expected:
             raise ValueError(
@@ -234,5 +250,5 @@ def sliding_window_predict(
     consume(*pending)
 
     probs = acc / weight[..., None]
-    crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial, strict=True))
+    crop = grid.crop
     return np.ascontiguousarray(probs[crop], dtype=np.float32)

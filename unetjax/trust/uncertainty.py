@@ -40,7 +40,6 @@ maps themselves would not be: entropy is not linear).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -50,7 +49,7 @@ from jax.scipy.ndimage import map_coordinates
 from jax.scipy.special import entr
 from scipy import special as sp_special
 
-from unetjax.inference.sliding_window import gaussian_importance_map, window_starts
+from unetjax.inference.sliding_window import TileGrid, gaussian_importance_map, mirror_subsets
 
 __all__ = [
     "MODES",
@@ -88,10 +87,6 @@ def summarize_samples(probs: jax.Array) -> dict[str, jax.Array]:
         "mutual_info": jnp.maximum(h - expected, 0.0),
         "variance": probs.var(axis=0),
     }
-
-
-def _mirror_subsets(axes: Sequence[int]) -> list[tuple[int, ...]]:
-    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
 def _warp(x: jax.Array, matrix: jax.Array) -> jax.Array:
@@ -152,7 +147,7 @@ def make_uncertainty_fn(
             axes = tuple(int(a) for a in mirror_axes)
         if len(set(axes)) != len(axes) or any(not 0 <= a < ndim for a in axes):
             raise ValueError(f"mirror_axes {axes} invalid for {ndim} spatial axes")
-        flips = [tuple(a + 1 for a in f) for f in _mirror_subsets(axes)]  # as batch axes
+        flips = [tuple(a + 1 for a in f) for f in mirror_subsets(axes)]  # as batch axes
         count = num_samples or len(flips)
         sample_flips = [flips[s % len(flips)] for s in range(count)]
         drop_keys, affine_keys = jax.random.split(key, (2, count))
@@ -195,37 +190,14 @@ def sliding_window_uncertainty(
     the ``i``-th batch. Blending as in the module notes. Returns ``probs`` and ``variance``
     ``[*spatial, K]``, ``entropy``, ``expected_entropy`` and ``mutual_info`` ``[*spatial]``.
     """
-    image = np.asarray(image, np.float32)
-    patch_size = tuple(int(p) for p in patch_size)
-    ndim = len(patch_size)
-    if image.ndim != ndim + 1:
-        raise ValueError(
-            f"image must be [*spatial, C] with {ndim} spatial axes, got shape {image.shape}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    spatial = image.shape[:ndim]
-    pads = [
-        (max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2)
-        for s, p in zip(spatial, patch_size, strict=True)
-    ]
-    if any(before or after for before, after in pads):
-        image = np.pad(image, [*pads, (0, 0)], mode="constant", constant_values=pad_value)
-    padded = image.shape[:ndim]
-    windows = [
-        tuple(slice(s, s + p) for s, p in zip(corner, patch_size, strict=True))
-        for corner in itertools.product(*window_starts(padded, patch_size, step))
-    ]
+    grid = TileGrid(image, patch_size, step, batch_size, pad_value)
+    patch_size, padded = grid.patch_size, grid.padded
     gaussian = gaussian_importance_map(patch_size)
     acc_p = np.zeros((*padded, num_classes), np.float32)
     acc_m2 = np.zeros((*padded, num_classes), np.float32)
     acc_h = np.zeros(padded, np.float32)
     weight = np.zeros(padded, np.float32)
-    for i, b in enumerate(range(0, len(windows), batch_size)):
-        batch_windows = windows[b : b + batch_size]
-        tiles = np.zeros((batch_size, *patch_size, image.shape[-1]), np.float32)
-        for j, sl in enumerate(batch_windows):
-            tiles[j] = image[sl]
+    for i, (batch_windows, tiles) in enumerate(grid.batches()):
         out = uncertainty_fn(params, tiles, jax.random.fold_in(key, i))
         probs = np.asarray(out["probs"])
         if probs.shape != (batch_size, *patch_size, num_classes):
@@ -240,7 +212,7 @@ def sliding_window_uncertainty(
             acc_m2[sl] += second[j] * gaussian[..., None]
             acc_h[sl] += expected[j] * gaussian
             weight[sl] += gaussian
-    crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial, strict=True))
+    crop = grid.crop
     w = weight[crop]
     probs = acc_p[crop] / w[..., None]
     expected = acc_h[crop] / w
