@@ -1,0 +1,433 @@
+"""Streaming Gaussian sliding-window prediction: a chunked volume in, a zarr v3 store out.
+
+Same windows, weights, padding and blending as the in-memory
+:func:`unetjax.inference.sliding_window.sliding_window_predict` (nnU-Net: ``sigma = patch / 8``,
+``step = 0.5``, optional mirror TTA on logits), but the volume is never materialised:
+
+* Windows are grouped by their start along axis 0 (``z``). Group ``k`` covers rows
+  ``[z_k, z_k + patch_0)``; once it is done no later window touches rows ``< z_{k+1}``, so
+  *region* ``k`` = rows ``[z_k, z_{k+1})`` is final: it is normalised and written out. The host
+  accumulator holds only ``patch_0`` rows (``patch_0 * H * W * K`` float32).
+* The summed Gaussian weight is separable (the map is a product of 1D Gaussians on a product
+  grid of windows), so it is computed per region from three 1D sums, not accumulated.
+* Tiles are read with concurrent tensorstore futures, the next batch while the model runs
+  on the current one; batches never span groups (the last one of a group is zero-filled), so
+  every tile is computed in the same batch whether a run was resumed or not.
+* Restart: ``progress.json`` records finished regions; a rerun with the same settings skips
+  them and recomputes only the windows that overlap the unfinished rows. The store is built
+  under ``.<name>.partial`` and renamed to ``<name>`` when complete.
+
+Output store (zarr v3 directory): ``probabilities`` float32 ``[*spatial, K]`` and/or
+``labels`` uint8 ``[*spatial]``, plus ``volume.json`` (shape, geometry, settings, timings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pathlib
+import shutil
+import time
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from unetjax.inference.sliding_window import (
+    _cached_tta,
+    _weighted_softmax,
+    gaussian_importance_map,
+    make_tta_predict_fn,
+    window_starts,
+)
+from unetjax.volumes.arrays import Geometry, create_array, with_channels
+
+__all__ = ["StreamResult", "predict_volume", "read_box", "region_bounds", "RegionPlan"]
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+VOLUME_JSON = "volume.json"
+FORMAT = "unetjax-prediction-v1"
+
+
+@dataclasses.dataclass
+class StreamResult:
+    """What :func:`predict_volume` did."""
+
+    out_dir: str
+    complete: bool
+    regions_total: int
+    regions_done: int  # finished regions, including those of earlier runs
+    regions_skipped: int  # finished by an earlier run, not recomputed
+    tiles_computed: int
+    voxels_written: int
+    seconds: float
+    read_wait_s: float  # host time blocked on tile reads
+    compute_wait_s: float  # host time blocked on the model (dispatch + device)
+    accumulate_s: float  # host Gaussian accumulation
+    write_s: float  # normalising + writing regions
+
+    @property
+    def voxels_per_s(self) -> float:
+        return self.voxels_written / self.seconds if self.seconds > 0 else float("nan")
+
+
+def read_box(array, lo: Sequence[int], hi: Sequence[int], pad_value: float = 0.0):
+    """Start reading the box ``[lo, hi)`` of ``array [*spatial, C]``; the parts outside the
+    array are filled with ``pad_value``. Returns a callable that waits and gives float32."""
+    shape = np.asarray(array.shape[:-1], np.int64)
+    lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+    clo, chi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+    future = None
+    if (chi > clo).all():
+        box = tuple(slice(int(a), int(b)) for a, b in zip(clo, chi, strict=True))
+        future = array[box].read()
+
+    def result() -> np.ndarray:
+        out = np.full((*(hi - lo), array.shape[-1]), pad_value, np.float32)
+        if future is not None:
+            inner = tuple(slice(int(a), int(b)) for a, b in zip(clo - lo, chi - lo, strict=True))
+            out[inner] = future.result()
+        return out
+
+    return result
+
+
+def region_bounds(z_starts: Sequence[int], size0: int) -> list[tuple[int, int]]:
+    """Rows ``[z_k, z_{k+1})`` final after window group ``k`` (the last ends at ``size0``)."""
+    ends = [*z_starts[1:], size0]
+    return list(zip(z_starts, ends, strict=True))
+
+
+class RegionPlan:
+    """Windows of a (centre-padded) volume grouped by their axis-0 start, and per-axis weights."""
+
+    def __init__(self, shape, patch_size, step: float):
+        self.shape = tuple(int(s) for s in shape)
+        self.patch = tuple(int(p) for p in patch_size)
+        if len(self.shape) != len(self.patch):
+            raise ValueError(f"volume {self.shape} and patch {self.patch} differ in rank")
+        need = [max(p - s, 0) for s, p in zip(self.shape, self.patch, strict=True)]
+        self.pad_before = tuple(n // 2 for n in need)
+        self.padded = tuple(max(s, p) for s, p in zip(self.shape, self.patch, strict=True))
+        self.starts = window_starts(self.padded, self.patch, step)
+        self.regions = region_bounds(self.starts[0], self.padded[0])
+        self.inner = list(itertools.product(*self.starts[1:]))  # in-plane window corners
+        self.gaussian = gaussian_importance_map(self.patch)
+        self.axis_weights = []
+        for starts, p, n in zip(self.starts, self.patch, self.padded, strict=True):
+            g1 = gaussian_importance_map((p,)).astype(np.float64)
+            w = np.zeros(n, np.float64)
+            for s in starts:
+                w[s : s + p] += g1
+            self.axis_weights.append(w)
+
+    def weight(self, z0: int, z1: int) -> np.ndarray:
+        """Summed Gaussian weight of padded rows ``[z0, z1)``, float32 ``[z1 - z0, *plane]``."""
+        w = self.axis_weights[0][z0:z1]
+        for axis_w in self.axis_weights[1:]:
+            w = np.multiply.outer(w, axis_w)
+        return w.astype(np.float32)
+
+    def output_rows(self, z0: int, z1: int) -> tuple[int, int]:
+        """Padded rows ``[z0, z1)`` as rows of the unpadded volume (clipped)."""
+        b, n = self.pad_before[0], self.shape[0]
+        return min(max(z0 - b, 0), n), min(max(z1 - b, 0), n)
+
+    def plane_crop(self) -> tuple[slice, ...]:
+        return tuple(
+            slice(b, b + s) for b, s in zip(self.pad_before[1:], self.shape[1:], strict=True)
+        )
+
+
+def _signature(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json(path: pathlib.Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_progress(partial: pathlib.Path, signature: str) -> int:
+    try:
+        p = json.loads((partial / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return -1
+    return int(p["regions_done"]) if p.get("signature") == signature else -1
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total_voxels: int, done_voxels: int):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=total_voxels,
+                    initial=done_voxels,
+                    unit="vox",
+                    unit_scale=True,
+                    desc="sliding window",
+                    smoothing=0.1,
+                )
+            except ImportError:  # pragma: no cover
+                self.bar = None
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.voxels = 0
+
+    def update(self, voxels: int, region: int, total: int) -> None:
+        self.voxels += voxels
+        if self.bar is not None:
+            self.bar.update(voxels)
+        elif self.enabled:
+            rate = self.voxels / max(time.perf_counter() - self.t0, 1e-9)
+            log.info("region %d/%d, %.3g voxels/s", region + 1, total, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def predict_volume(
+    volume,
+    predict_fn: Callable,
+    patch_size: Sequence[int],
+    num_classes: int,
+    out_dir: str | os.PathLike,
+    *,
+    step: float = 0.5,
+    batch_size: int = 4,
+    mirror_axes: Sequence[int] = (),
+    pad_value: float = 0.0,
+    normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+    outputs: Sequence[str] = ("labels",),
+    geometry: Geometry | None = None,
+    identity: str = "",
+    chunks: Sequence[int] | None = None,
+    stop_after_regions: int | None = None,
+    progress: bool = True,
+) -> StreamResult:
+    """Gaussian sliding-window prediction of a chunked volume into a zarr v3 store.
+
+    Args:
+      volume: tensorstore array ``[*spatial]`` or ``[*spatial, C]`` (raw or normalised).
+      predict_fn: ``[batch_size, *patch, C] -> [batch_size, *patch, K]`` logits (e.g.
+        :func:`unetjax.training.step.make_predict_fn` bound to parameters, with a mesh so tiles
+        are sharded over ``data``); always called with exactly ``batch_size`` tiles.
+      patch_size, num_classes, step, batch_size, mirror_axes, pad_value: as in
+        ``sliding_window_predict``.
+      normalize: applied to each raw tile (float32 ``[*patch, C]``) before the model; must be
+        voxel-wise (e.g. z-score with whole-volume statistics), so tiles agree on overlaps.
+      outputs: any of ``"probabilities"`` (float32 ``[*spatial, K]``) and ``"labels"``
+        (uint8 argmax ``[*spatial]``).
+      geometry: spacing/affine stored in ``volume.json`` (for NIfTI export).
+      identity: identifies the model/parameters (e.g. checkpoint path and step): a rerun
+        resumes only when it and every setting match, else starts over.
+      chunks: output chunk shape (spatial); default ``min(dim, 64)`` per axis.
+      stop_after_regions: stop after finishing this many regions in this call (an
+        interruption, for tests); the partial store is resumed by the next call.
+      progress: show a progress bar (voxels/s).
+
+    Returns:
+      :class:`StreamResult`; the store is at ``out_dir`` once ``complete``.
+    """
+    t_start = time.perf_counter()
+    patch = tuple(int(p) for p in patch_size)
+    ndim = len(patch)
+    volume = with_channels(volume, ndim)
+    shape = tuple(int(s) for s in volume.shape[:ndim])
+    outputs = tuple(outputs)
+    if not outputs or any(o not in ("probabilities", "labels") for o in outputs):
+        raise ValueError(f"outputs must be among ('probabilities', 'labels'), got {outputs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mirror_axes = tuple(int(a) for a in mirror_axes)
+    if any(not 0 <= a < ndim for a in mirror_axes):
+        raise ValueError(f"mirror_axes {mirror_axes} out of range for {ndim} spatial axes")
+    if mirror_axes:
+        try:
+            predict_fn = _cached_tta(predict_fn, mirror_axes)
+        except TypeError:
+            predict_fn = make_tta_predict_fn(predict_fn, mirror_axes)
+
+    plan = RegionPlan(shape, patch, step)
+    out_dir = pathlib.Path(out_dir).absolute()
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    settings = {
+        "format": FORMAT,
+        "shape": shape,
+        "channels": int(volume.shape[-1]),
+        "patch": patch,
+        "step": step,
+        "batch_size": batch_size,
+        "mirror_axes": mirror_axes,
+        "pad_value": pad_value,
+        "num_classes": num_classes,
+        "outputs": outputs,
+        "identity": identity,
+    }
+    signature = _signature(settings)
+    done = _read_progress(partial, signature)
+    chunks = tuple(int(c) for c in chunks) if chunks else tuple(min(s, 64) for s in shape)
+    if done < 0:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        _write_json(partial / "zarr.json", {"zarr_format": 3, "node_type": "group"})
+        if "probabilities" in outputs:
+            create_array(
+                partial / "probabilities", (*shape, num_classes), np.float32, (*chunks, num_classes)
+            )
+        if "labels" in outputs:
+            create_array(partial / "labels", shape, np.uint8, chunks)
+        _write_json(partial / PROGRESS, {"signature": signature, "regions_done": 0})
+        done = 0
+    import tensorstore as ts
+
+    arrays = {
+        name: ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(partial / name)}},
+            open=True,
+            write=True,
+        ).result()
+        for name in outputs
+    }
+
+    timers = dict(read=0.0, compute=0.0, accumulate=0.0, write=0.0)
+    n_regions = len(plan.regions)
+    # Groups that still have to run: those overlapping rows >= the first unfinished region.
+    first_row = plan.regions[done][0] if done < n_regions else plan.padded[0]
+    first_group = next(
+        (k for k, z in enumerate(plan.starts[0]) if z + patch[0] > first_row), n_regions
+    )
+    total_vox = int(np.prod(shape))
+    done_rows = plan.output_rows(0, plan.regions[done - 1][1])[1] if done else 0
+    done_vox = done_rows * int(np.prod(shape[1:]))
+    bar = _Progress(progress, total_vox, done_vox)
+    acc = np.zeros((patch[0], *plan.padded[1:], num_classes), np.float32)
+    gaussian_dev = jnp.asarray(plan.gaussian)
+    tiles_computed = voxels_written = 0
+    finished_now = 0
+    expected = (batch_size, *patch, num_classes)
+
+    def start_reads(z: int, corners):
+        readers = []
+        for c in corners:
+            lo = np.asarray((z, *c), np.int64) - np.asarray(plan.pad_before)
+            readers.append(read_box(volume, lo, lo + np.asarray(patch), pad_value))
+        return readers
+
+    def gather(readers) -> np.ndarray:
+        t = time.perf_counter()
+        tiles = np.zeros((batch_size, *patch, volume.shape[-1]), np.float32)
+        for i, r in enumerate(readers):
+            tiles[i] = r() if normalize is None else normalize(r())
+        timers["read"] += time.perf_counter() - t
+        return tiles
+
+    batches = [
+        (k, plan.inner[b : b + batch_size])
+        for k in range(first_group, n_regions)
+        for b in range(0, len(plan.inner), batch_size)
+    ]
+    try:
+        next_readers = (
+            start_reads(plan.starts[0][batches[0][0]], batches[0][1]) if batches else None
+        )
+        for bi, (k, corners) in enumerate(batches):
+            tiles = gather(next_readers)
+            if bi + 1 < len(batches):
+                nk, ncorners = batches[bi + 1]
+                next_readers = start_reads(plan.starts[0][nk], ncorners)
+            t = time.perf_counter()
+            logits = predict_fn(tiles)
+            if tuple(logits.shape) != expected:
+                raise ValueError(
+                    f"predict_fn returned shape {tuple(logits.shape)}, expected {expected}"
+                )
+            out = np.asarray(_weighted_softmax(logits, gaussian_dev))
+            timers["compute"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for tile, c in zip(out, corners, strict=False):
+                acc[
+                    (slice(None), *(slice(s, s + p) for s, p in zip(c, patch[1:], strict=True)))
+                ] += tile
+            timers["accumulate"] += time.perf_counter() - t
+            tiles_computed += len(corners)
+            last_of_group = bi + 1 == len(batches) or batches[bi + 1][0] != k
+            if not last_of_group:
+                continue
+            z0, z1 = plan.regions[k]
+            if k >= done:
+                t = time.perf_counter()
+                written = _write_region(arrays, plan, acc[: z1 - z0], z0, z1)
+                _write_json(partial / PROGRESS, {"signature": signature, "regions_done": k + 1})
+                timers["write"] += time.perf_counter() - t
+                voxels_written += written
+                finished_now += 1
+                bar.update(written, k, n_regions)
+            d = z1 - z0
+            acc[: patch[0] - d] = acc[d:]
+            acc[patch[0] - d :] = 0
+            if stop_after_regions is not None and finished_now >= stop_after_regions:
+                break
+    finally:
+        bar.close()
+
+    regions_done = done + finished_now
+    complete = regions_done >= n_regions
+    seconds = time.perf_counter() - t_start
+    if complete:
+        meta = {
+            **settings,
+            "geometry": (geometry or Geometry((1.0,) * ndim)).to_dict(),
+            "arrays": list(outputs),
+        }
+        _write_json(partial / VOLUME_JSON, meta)
+        (partial / PROGRESS).unlink()
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(partial, out_dir)
+    return StreamResult(
+        out_dir=str(out_dir),
+        complete=complete,
+        regions_total=n_regions,
+        regions_done=regions_done,
+        regions_skipped=done,
+        tiles_computed=tiles_computed,
+        voxels_written=voxels_written,
+        seconds=seconds,
+        read_wait_s=timers["read"],
+        compute_wait_s=timers["compute"],
+        accumulate_s=timers["accumulate"],
+        write_s=timers["write"],
+    )
+
+
+def _write_region(arrays: dict, plan: RegionPlan, acc_rows: np.ndarray, z0: int, z1: int) -> int:
+    """Normalise padded rows ``[z0, z1)`` of the accumulator, crop and write them."""
+    r0, r1 = plan.output_rows(z0, z1)
+    if r1 <= r0:
+        return 0
+    b = plan.pad_before[0]
+    rows = slice(r0 + b - z0, r1 + b - z0)
+    crop = plan.plane_crop()
+    probs = acc_rows[(rows, *crop)] / plan.weight(r0 + b, r1 + b)[(slice(None), *crop)][..., None]
+    futures = []
+    if "probabilities" in arrays:
+        futures.append(arrays["probabilities"][r0:r1].write(probs))
+    if "labels" in arrays:
+        futures.append(arrays["labels"][r0:r1].write(probs.argmax(-1).astype(np.uint8)))
+    for f in futures:
+        f.result()
+    return probs.shape[0] * int(np.prod(probs.shape[1:-1]))
