@@ -14,6 +14,7 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -40,6 +41,19 @@ def predict_case(
     )
 
 
+def predict_image(exp, predict: Callable, params, image: np.ndarray) -> np.ndarray:
+    """Class probabilities ``[*spatial, K]`` of an already normalised image (e.g. corrupted),
+    with the same sliding window as :func:`predict_case`."""
+    return sliding_window_predict(
+        image,
+        lambda tiles: predict(params, tiles),
+        exp.patch_size,
+        exp.num_classes,
+        step=exp.config.eval.step,
+        batch_size=exp.config.eval.batch_size,
+    )
+
+
 def score_cases(
     exp,
     predict: Callable,
@@ -47,13 +61,27 @@ def score_cases(
     case_ids: Sequence[str],
     dataset: Dataset | None = None,
     on_case: Callable | None = None,
+    stream_dir: pathlib.Path | None = None,
 ) -> list[dict]:
-    """Predict and score cases; ``on_case(case_id, label_map, per_class)`` sees each result."""
+    """Predict and score cases; ``on_case(case_id, label_map, per_class)`` sees each result.
+
+    With ``stream_dir``, 3D cases are predicted by the streaming sliding window into
+    ``stream_dir/<case_id>`` (a resumable zarr store, :mod:`unetjax.volumes`) and read back.
+    """
     dataset = dataset or exp.dataset
     rows = []
     for case_id in case_ids:
         info = dataset.manifest.case(case_id)
-        labels = predict_case(exp, predict, params, case_id, dataset).argmax(-1).astype(np.uint8)
+        if stream_dir is not None and len(info.shape) == 3:
+            from unetjax.volumes.export import open_prediction
+            from unetjax.volumes.predict import predict_case_to_store
+
+            predict_case_to_store(exp, predict, params, case_id, stream_dir / case_id, dataset)
+            array = open_prediction(stream_dir / case_id)[0]
+            labels = np.asarray(array.read().result(), np.uint8)
+        else:
+            probs = predict_case(exp, predict, params, case_id, dataset)
+            labels = probs.argmax(-1).astype(np.uint8)
         per_class = None
         if info.has_label:
             per_class = metrics.case_metrics(
@@ -171,6 +199,7 @@ def evaluate_workdir(
     """
     from unetjax.checkpointing import Checkpointer, abstract_like
     from unetjax.experiment import build_experiment, load_config, open_config_dataset
+    from unetjax.sharding import make_mesh, replicated
     from unetjax.training.state import init_train_state, make_optimizer
     from unetjax.training.step import make_predict_fn
 
@@ -200,7 +229,9 @@ def evaluate_workdir(
     checkpointer.close()
     tta = config.eval.mirror_tta if mirror_tta is None else mirror_tta
     ndim = dataset.manifest.ndim
-    predict = make_predict_fn(exp.model, tuple(range(ndim)) if tta else ())
+    mesh = make_mesh(config.mesh, batch_size=config.eval.batch_size)
+    predict = make_predict_fn(exp.model, tuple(range(ndim)) if tta else (), mesh=mesh)
+    state = state.replace(params=jax.device_put(state.params, replicated(mesh)))
 
     out_dir = workdir / "eval" / name
     (out_dir / "summary.json").unlink(missing_ok=True)  # incomplete until rewritten
@@ -218,7 +249,10 @@ def evaluate_workdir(
         if per_class is not None:
             scored_ids.append(case_id)
 
-    rows = score_cases(exp, predict, state.params, case_ids, dataset, on_case=save)
+    stream_dir = out_dir / "volumes" if ndim == 3 else None
+    rows = score_cases(
+        exp, predict, state.params, case_ids, dataset, on_case=save, stream_dir=stream_dir
+    )
     summary = write_reports(out_dir, rows, scored_ids)
     return {
         "out_dir": str(out_dir),
