@@ -11,6 +11,10 @@ import logging
 import pathlib
 import sys
 
+from unetjax.host_devices import configure_host_devices
+
+configure_host_devices()  # before JAX starts: data parallelism over the CPU's cores
+
 import jax
 from absl import app, flags
 from absl import logging as absl_logging

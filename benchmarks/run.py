@@ -72,13 +72,24 @@ _THREADS = _pre.parse_known_args()[0].threads
 if _THREADS:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_THREADS])
 
+from unetjax.host_devices import configure_host_devices  # noqa: E402
+
+configure_host_devices()  # as train.py: data parallelism over the CPU's cores
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from unetjax.config import default_config  # noqa: E402
 from unetjax.inference.sliding_window import sliding_window_predict  # noqa: E402
 from unetjax.models import UNet, unet_param_count  # noqa: E402
 from unetjax.planning import resolve_model_config  # noqa: E402
+from unetjax.sharding import (  # noqa: E402
+    batch_sharding,
+    make_mesh,
+    replicated,
+    state_shardings,
+)
 from unetjax.training.state import create_train_state, make_optimizer  # noqa: E402
 from unetjax.training.step import make_predict_fn, make_train_step  # noqa: E402
 
@@ -188,6 +199,34 @@ def count_params(tree) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
 
 
+def data_parallel_mesh(batch: int):
+    """The mesh train.py and eval.py use (``data`` over the devices that split ``batch``);
+    None when that is a single device."""
+    mesh = make_mesh(default_config().mesh, batch_size=batch)
+    return mesh if mesh.shape["data"] > 1 else None
+
+
+def sharded_train_step(model, tx, tcfg, state, batch: dict, mesh):
+    """(state, step, batch) placed on ``mesh`` as training does (``sharded_setup``)."""
+    shardings = state_shardings(jax.eval_shape(lambda: state), mesh)
+    bsh = batch_sharding(mesh, batch["image"].ndim - 2)
+    step = make_train_step(model, tx, batch_dice=tcfg.batch_dice, state_sharding=shardings,
+                           batch_sharding=bsh)
+    return jax.device_put(state, shardings), step, jax.device_put(batch, bsh)
+
+
+def compile_step(step, state, batch) -> tuple:
+    """(compiled, lower seconds, compile seconds, XLA FLOPs, memory analysis)."""
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    cost = lowered.cost_analysis()
+    flops = float(cost["flops"]) if cost and "flops" in cost else float("nan")
+    return compiled, t1 - t0, t2 - t1, flops, compiled.memory_analysis()
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -230,18 +269,24 @@ def bench_train(name: str, quick: bool, repeats: int, sampler: RssSampler, log) 
     state = init(jax.random.key(0), jnp.asarray(x[:1]))
     if count_params(state.params) != n_params:
         raise AssertionError("Flax init disagrees with unet_param_count")
-    host_params = jax.device_get(state.params)  # the state is donated by the step
+    host_state = jax.device_get(state)  # the state is donated by the step
+    host_params = host_state.params
     jbatch = {"image": jnp.asarray(x), "label": jnp.asarray(y)}
-    step = make_train_step(model, tx, batch_dice=tcfg.batch_dice)
+    mesh = data_parallel_mesh(batch)
+    if mesh is not None:  # "jax" = data parallel as train.py runs it; "jax_1dev" = one device
+        dp_state, dp_step, dp_batch = sharded_train_step(model, tx, tcfg, host_state, jbatch, mesh)
+        t0 = time.perf_counter()
+        compiled_1dev, *_ = compile_step(
+            make_train_step(model, tx, batch_dice=tcfg.batch_dice), state, jbatch)
+        compile_1dev_s = time.perf_counter() - t0
+        state, jbatch = dp_state, dp_batch
+        step = dp_step
+    else:
+        step = make_train_step(model, tx, batch_dice=tcfg.batch_dice)
 
     t0 = time.perf_counter()
-    lowered = step.lower(state, jbatch)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled, lower_s, compile_s, flops, mem = compile_step(step, state, jbatch)
     t2 = time.perf_counter()
-    cost = lowered.cost_analysis()
-    flops = float(cost["flops"]) if cost and "flops" in cost else float("nan")
-    mem = compiled.memory_analysis()
 
     row = {
         "kind": "train",
@@ -262,8 +307,9 @@ def bench_train(name: str, quick: bool, repeats: int, sampler: RssSampler, log) 
         "flops_per_step": flops,
         "samples_per_call": batch,
         "voxels_per_call": batch * int(np.prod(patch)),
-        "jax_lower_s": t1 - t0,
-        "jax_compile_s": t2 - t1,
+        "jax_lower_s": lower_s,
+        "jax_compile_s": compile_s,
+        "jax_devices": mesh.shape["data"] if mesh is not None else 1,
     }
     holder = {"state": state}
 
@@ -279,6 +325,18 @@ def bench_train(name: str, quick: bool, repeats: int, sampler: RssSampler, log) 
     log(f"  {name}: {n_params:,} params, {flops / 1e9:.1f} GFLOP/step, JAX compile "
         f"{row['jax_compile_s']:.1f} s (+ lower {row['jax_lower_s']:.1f} s)")
     fns = {"jax": jax_step}
+    if mesh is not None:
+        row["jax_1dev_compile_s"] = compile_1dev_s
+        holder_1dev = {"state": jax.device_put(host_state, jax.devices()[0])}
+        batch_1dev = jax.device_put({"image": x, "label": y}, jax.devices()[0])
+
+        def jax_1dev_step():
+            holder_1dev["state"], metrics = compiled_1dev(holder_1dev["state"], batch_1dev)
+            jax.block_until_ready((holder_1dev["state"], metrics))
+            return metrics
+
+        row["jax_1dev_first_loss"] = float(jax_1dev_step()["loss"])
+        fns["jax_1dev"] = jax_1dev_step
 
     if torch is not None:
         twin = torch_unet.twin_of(model, cin)
@@ -310,8 +368,14 @@ def timed(fns: dict, repeats: int, sampler: RssSampler, row: dict) -> dict:
         peak = device_peak_flops()
         s["mfu"] = row["flops_per_step"] / t / peak if peak else None
     if "torch" in out:
-        out["jax_over_torch_throughput"] = (
-            out["torch"]["seconds_median"] / out["jax"]["seconds_median"]
+        for fw in ("jax", "jax_1dev"):
+            if fw in out:
+                out[f"{fw}_over_torch_throughput"] = (
+                    out["torch"]["seconds_median"] / out[fw]["seconds_median"]
+                )
+    if "jax_1dev" in out:
+        out["jax_over_jax_1dev_throughput"] = (
+            out["jax_1dev"]["seconds_median"] / out["jax"]["seconds_median"]
         )
     return out
 
@@ -341,6 +405,9 @@ def memory_probe(spec: str, quick: bool) -> None:
         )
         step = make_train_step(model, tx, batch_dice=tcfg.batch_dice)
         batch_ = {"image": jnp.asarray(x), "label": jnp.asarray(y)}
+        mesh = data_parallel_mesh(batch)
+        if mesh is not None:
+            state, step, batch_ = sharded_train_step(model, tx, tcfg, state, batch_, mesh)
         for i in range(2):
             if i == 1:
                 first = vm_hwm()
@@ -436,15 +503,25 @@ def bench_infer(name: str, quick: bool, repeats: int, sampler: RssSampler, log) 
         "voxels_per_call": int(np.prod(shape)),
         "jax_compile_s": compile_s,
     }
+    mesh = data_parallel_mesh(tile_batch)
     jax_predict = functools.partial(compiled, params)
     results = {}
 
-    def run_jax():
-        results["jax"] = sliding_window_predict(
-            image, jax_predict, patch, k, step=0.5, batch_size=tile_batch
-        )
+    def window_fn(predict_fn, fw):
+        def run():
+            results[fw] = sliding_window_predict(
+                image, predict_fn, patch, k, step=0.5, batch_size=tile_batch
+            )
 
-    fns = {"jax": run_jax}
+        return run
+
+    fns = {"jax": window_fn(jax_predict, "jax")}
+    if mesh is not None:  # as eval.py: tiles sharded over the host devices
+        row["jax_devices"] = mesh.shape["data"]
+        dp_predict = make_predict_fn(model, mesh=mesh)
+        dp_params = jax.device_put(params, replicated(mesh))
+        fns = {"jax": window_fn(functools.partial(dp_predict, dp_params), "jax"),
+               "jax_1dev": window_fn(jax_predict, "jax_1dev")}
     if torch is not None:
         twin = torch_unet.twin_of(model, cin)
         torch_unet.load_flax_params(twin, jax.device_get(params))
@@ -460,6 +537,8 @@ def bench_infer(name: str, quick: bool, repeats: int, sampler: RssSampler, log) 
         fn()
     if "torch" in results:
         row["max_abs_prob_diff"] = float(np.abs(results["jax"] - results["torch"]).max())
+    if "jax_1dev" in results:
+        row["max_abs_prob_diff_1dev"] = float(np.abs(results["jax"] - results["jax_1dev"]).max())
     log(f"  {name}: image {row['image_shape']}, {n_windows} windows in {n_calls} calls of "
         f"{tile_batch}, {row['flops_per_step'] / 1e9:.1f} GFLOP/image")
     row.update(timed(fns, repeats, sampler, row))
@@ -592,11 +671,14 @@ def markdown(report: dict) -> str:
         f"jax {env['jax']}, torch {env['torch']}, Python {env['python']}; "
         f"mode: {report['mode']}. Medians over {report['repeats']} alternated repeats, "
         "warm-up excluded. Ratio = JAX throughput / PyTorch throughput (> 1: JAX faster). "
+        "JAX runs as train.py/eval.py do: the batch sharded over the host devices "
+        "(`unetjax.host_devices`); 'JAX 1 dev' is the same program on one device. "
         "GFLOP/s from XLA's FLOP count of the JAX program (the same maths for both).",
         "",
-        "| benchmark | batch | JAX s/call | PyTorch s/call | JAX/PyTorch | unit | JAX | PyTorch "
-        "| GFLOP/call | JAX GFLOP/s | PyTorch GFLOP/s | MFU JAX | cores used JAX/PT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| benchmark | batch | JAX s/call | JAX 1 dev s/call | PyTorch s/call | JAX/PyTorch "
+        "| JAX 1 dev/PyTorch | unit | JAX | PyTorch | GFLOP/call | JAX GFLOP/s "
+        "| PyTorch GFLOP/s | MFU JAX | cores used JAX/PT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     used = [r["jax"]["cores_used_median"] for r in report["rows"].values() if "jax" in r]
     if env["cores"] > 1 and used and max(used) < 0.75 * env["cores"]:
@@ -612,7 +694,7 @@ def markdown(report: dict) -> str:
         if row["kind"] == "data":
             lines.append(
                 f"| {LABELS[name]} | {row['batch']} | {fmt(j['seconds_per_batch'], '.3f')} | – "
-                f"| – | batches/s | {fmt(j['batches_per_s'], '.1f')} | – | – | – | – | – "
+                f"| – | – | – | batches/s | {fmt(j['batches_per_s'], '.1f')} | – | – | – | – | – "
                 f"| {fmt(j['cores_used_median'])}/– |"
             )
             continue
@@ -620,10 +702,13 @@ def markdown(report: dict) -> str:
         key = "mvoxels_per_s" if unit == "Mvox/s" else "samples_per_s"
         batch = row.get("batch", f"{row.get('tile_batch')} tiles")
         mfu = j.get("mfu")
+        one = row.get("jax_1dev", {})
         lines.append(
             f"| {LABELS[name]} | {batch} | {fmt(j['seconds_median'], '.3f')} "
+            f"| {fmt(one.get('seconds_median'), '.3f')} "
             f"| {fmt(t.get('seconds_median'), '.3f')} "
-            f"| **{fmt(row.get('jax_over_torch_throughput'))}** | {unit} "
+            f"| **{fmt(row.get('jax_over_torch_throughput'))}** "
+            f"| {fmt(row.get('jax_1dev_over_torch_throughput'))} | {unit} "
             f"| {fmt(j[key])} | {fmt(t.get(key))} | {row['flops_per_step'] / 1e9:.1f} "
             f"| {fmt(j['gflops_per_s'], '.1f')} | {fmt(t.get('gflops_per_s'), '.1f')} "
             f"| {fmt(100 * mfu, '.1f') + '%' if mfu else '–'} "

@@ -42,13 +42,19 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
         jax.distributed.initialize()
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """A ``(data, space)`` mesh; ``data = -1`` takes all devices not used by ``space``."""
+def make_mesh(mesh_cfg, devices=None, batch_size: int | None = None) -> Mesh:
+    """A ``(data, space)`` mesh; ``data = -1`` takes all devices not used by ``space``.
+
+    With ``batch_size`` (one process), ``data = -1`` takes the most devices that split the
+    batch evenly, e.g. 1 of 2 host CPU devices for a batch of 3.
+    """
     devices = list(jax.devices() if devices is None else devices)
     space = int(mesh_cfg.space)
     data = int(mesh_cfg.data)
     if data == -1:
         data = len(devices) // space
+        if batch_size and jax.process_count() == 1:
+            data = max(d for d in range(1, max(data, 1) + 1) if batch_size % d == 0)
     if data < 1 or space < 1 or data * space > len(devices):
         raise ValueError(
             f"mesh data={mesh_cfg.data} x space={space} does not fit {len(devices)} devices"

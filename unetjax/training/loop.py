@@ -108,7 +108,7 @@ def train_and_evaluate(
         (workdir / "plan.json").write_text(json.dumps(exp.plan(), indent=2))
     tc = config.train
     log.info("plan: %s", json.dumps(exp.plan()))
-    mesh = make_mesh(config.mesh, devices)
+    mesh = make_mesh(config.mesh, devices, batch_size=tc.batch_size)
     local_batch_size(tc.batch_size, mesh)  # validates divisibility before any work
     log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
 
