@@ -54,19 +54,6 @@ def predict_image(exp, predict: Callable, params, image: np.ndarray) -> np.ndarr
     )
 
 
-def predict_image(exp, predict: Callable, params, image: np.ndarray) -> np.ndarray:
-    """Class probabilities ``[*spatial, K]`` of an already normalised image (e.g. corrupted),
-    with the same sliding window as :func:`predict_case`."""
-    return sliding_window_predict(
-        image,
-        lambda tiles: predict(params, tiles),
-        exp.patch_size,
-        exp.num_classes,
-        step=exp.config.eval.step,
-        batch_size=exp.config.eval.batch_size,
-    )
-
-
 def score_cases(
     exp,
     predict: Callable,
