@@ -308,6 +308,11 @@ class Dataset:
         return tuple(out)
 
     # ---- reads
+    def image_array(self, case_id: str):
+        """The case's image as a lazily read tensorstore array ``[*spatial, C]`` (raw)."""
+        self.manifest.case(case_id)
+        return self._handle(case_id, "image")
+
     def read_image(self, case_id: str, box=None) -> np.ndarray:
         """float32 ``[*box, C]`` raw intensities."""
         info = self.manifest.case(case_id)
