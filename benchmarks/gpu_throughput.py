@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--budget-seconds", type=float, default=300)
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
+    parser.add_argument("--smoke", action="store_true",
+                        help="smallest case, batch 2, 2 steps: checks the script on a CPU")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,14 +102,17 @@ def main() -> None:
     for name, (patch, cin, k, base, top, stages, batches) in CASES.items():
         if args.only not in name:
             continue
-        for batch in batches:
+        for batch in (2,) if args.smoke else batches:
             for dtype in (jnp.float32, jnp.bfloat16):
                 if time.perf_counter() - t0 > args.budget_seconds:
                     break
-                row = measure(name, patch, cin, k, base, top, stages, batch, dtype)
+                row = measure(name, patch, cin, k, base, top, stages, batch, dtype,
+                              steps=2 if args.smoke else 20)
                 report["results"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "gpu_throughput.json").write_text(json.dumps(report, indent=1))
+        if args.smoke:
+            break
 
 
 if __name__ == "__main__":
