@@ -220,41 +220,80 @@ class PatchSampler:
     def read_region(self, case_id, info, lo, hi):
         """Normalised image ``[*(hi-lo), C]`` and label of the source box ``[lo, hi)``;
         the part outside the case is 0 (image, after normalisation) and 0 (label)."""
+        return self.start_read(case_id, info, lo, hi)()
+
+    def start_read(self, case_id, info, lo, hi):
+        """Issue the reads of :meth:`read_region` now (tensorstore futures where the dataset
+        exposes ``image_array``/``label_array``); returns a function that waits and finishes."""
         shape = np.asarray(info.shape, np.int64)
         clo = np.clip(lo, 0, shape)
         chi = np.clip(hi, 0, shape)
         size = tuple(int(s) for s in hi - lo)
         channels = int(self.dataset.manifest.channels)
         if (chi <= clo).any():  # box entirely outside the case
-            return (np.zeros((*size, channels), np.float32), np.zeros(size, np.uint8))
+            return lambda: (np.zeros((*size, channels), np.float32), np.zeros(size, np.uint8))
         box = tuple(slice(int(a), int(b)) for a, b in zip(clo, chi, strict=True))
-        image = normalize(
-            self.dataset.read_image(case_id, box), info, self.normalization, ct_stats=self.ct_stats
-        )
-        label = np.asarray(self.dataset.read_label(case_id, box))
-        before = clo - lo
-        after = hi - chi
-        if before.any() or after.any():
-            pad = [(int(b), int(a)) for b, a in zip(before, after, strict=True)]
-            image = np.pad(image, [*pad, (0, 0)])
-            label = np.pad(label, pad)
-        return image, label
+        if hasattr(self.dataset, "image_array"):
+            image_f = self.dataset.image_array(case_id)[box + (slice(None),)].read()
+            label_f = self.dataset.label_array(case_id)[box].read()
 
-    def __call__(self, index) -> dict:
+            def raw():
+                image = np.asarray(image_f.result(), np.float32)
+                return image, np.asarray(label_f.result(), np.uint8)
+        else:
+
+            def raw():
+                return self.dataset.read_image(case_id, box), self.dataset.read_label(case_id, box)
+
+        def finish():
+            image, label = raw()
+            image = normalize(image, info, self.normalization, ct_stats=self.ct_stats)
+            label = np.asarray(label)
+            before = clo - lo
+            after = hi - chi
+            if before.any() or after.any():
+                pad = [(int(b), int(a)) for b, a in zip(before, after, strict=True)]
+                image = np.pad(image, [*pad, (0, 0)])
+                label = np.pad(label, pad)
+            return image, label
+
+        return finish
+
+    def plan(self, index) -> dict:
+        """The random decisions of element ``index``: case, origin, spatial transform, box."""
         index = int(index)
         rng_pos, rng_aug = np.random.default_rng([self.seed, index]).spawn(2)
         ci = self.case_index(index)
         case_id, info = self.case_ids[ci], self.infos[ci]
         fg_forced = self.is_fg_forced(index)
         origin = self.sample_origin(rng_pos, case_id, info.shape, fg_forced)
-
-        cfg = self.augment
-        matrix = sample_spatial_matrix(rng_aug, cfg, len(self.patch_size))
+        matrix = sample_spatial_matrix(rng_aug, self.augment, len(self.patch_size))
         lo, hi = required_box(origin, self.patch_size, matrix)
-        image, label = self.read_region(case_id, info, lo, hi)
+        return dict(
+            index=index,
+            rng_aug=rng_aug,
+            ci=ci,
+            case_id=case_id,
+            info=info,
+            fg_forced=fg_forced,
+            origin=origin,
+            matrix=matrix,
+            lo=lo,
+            hi=hi,
+        )
+
+    def finish(self, plan: dict, image, label) -> dict:
+        """Augment the region read for ``plan`` into the training element."""
+        cfg, rng_aug, matrix = self.augment, plan["rng_aug"], plan["matrix"]
         if matrix is not None:
             image, label = resample_patch(
-                image, label, lo, origin, self.patch_size, matrix, image_order=cfg.image_order
+                image,
+                label,
+                plan["lo"],
+                plan["origin"],
+                self.patch_size,
+                matrix,
+                image_order=cfg.image_order,
             )
         image = augment_intensity(image, rng_aug, cfg)
         image, label = mirror(image, label, rng_aug, cfg)
@@ -264,12 +303,37 @@ class PatchSampler:
         }
         if self.with_meta:
             out.update(
-                index=np.int64(index),
-                case_index=np.int32(ci),
-                origin=origin.astype(np.int32),
-                fg_forced=np.bool_(fg_forced),
+                index=np.int64(plan["index"]),
+                case_index=np.int32(plan["ci"]),
+                origin=plan["origin"].astype(np.int32),
+                fg_forced=np.bool_(plan["fg_forced"]),
             )
         return out
+
+    def start(self, index):
+        """Plan element ``index`` and issue its reads; returns a function giving the element."""
+        plan = self.plan(index)
+        wait = self.start_read(plan["case_id"], plan["info"], plan["lo"], plan["hi"])
+        return lambda: self.finish(plan, *wait())
+
+    def __call__(self, index) -> dict:
+        return self.start(index)()
+
+
+class BatchSampler:
+    """Grain element function: step -> the whole (process-local) batch, with the reads of all
+    its elements in flight at once (tensorstore futures), then each element finished in order.
+    Gives exactly the batches of ``PatchSampler`` + ``batch`` (same pure functions)."""
+
+    def __init__(self, sampler: PatchSampler, process_slice: ProcessSlice):
+        self.sampler = sampler
+        self.slice = process_slice
+
+    def __call__(self, step) -> dict:
+        b = self.slice.local_size
+        pending = [self.sampler.start(self.slice(int(step) * b + j)) for j in range(b)]
+        elements = [finish() for finish in pending]
+        return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
 
 
 class ProcessSlice:
@@ -307,8 +371,10 @@ class TrainLoader:
         start_step: int = 0,
         process_index: int = 0,
         process_count: int = 1,
+        concurrent_reads: bool = False,
     ):
         self.sampler = sampler
+        self.concurrent_reads = bool(concurrent_reads)
         if sampler.batch_size % process_count:
             raise ValueError(
                 f"batch size {sampler.batch_size} is not divisible by {process_count} processes"
@@ -325,11 +391,21 @@ class TrainLoader:
             raise ValueError(f"step must be >= 0, got {step}")
         self.close()
         b = self.batch_size
-        dataset = grain.MapDataset.range(step * b, _INDEX_LIMIT).map(self.slice).map(self.sampler)
-        options = grain.ReadOptions(
-            num_threads=max(1, self.num_threads), prefetch_buffer_size=max(1, self.prefetch) * b
-        )
-        self.grain_dataset = dataset.to_iter_dataset(options).batch(b, drop_remainder=True)
+        if self.concurrent_reads:  # one grain element per batch, its reads issued together
+            dataset = grain.MapDataset.range(step, _INDEX_LIMIT // b).map(
+                BatchSampler(self.sampler, self.slice)
+            )
+            options = grain.ReadOptions(
+                num_threads=max(1, self.num_threads), prefetch_buffer_size=max(1, self.prefetch)
+            )
+            self.grain_dataset = dataset.to_iter_dataset(options)
+        else:
+            dataset = grain.MapDataset.range(step * b, _INDEX_LIMIT)
+            dataset = dataset.map(self.slice).map(self.sampler)
+            options = grain.ReadOptions(
+                num_threads=max(1, self.num_threads), prefetch_buffer_size=max(1, self.prefetch) * b
+            )
+            self.grain_dataset = dataset.to_iter_dataset(options).batch(b, drop_remainder=True)
         self._it = iter(self.grain_dataset)
         self.step = step
 
@@ -380,6 +456,7 @@ def make_train_loader(
     with_meta: bool = False,
     process_index: int = 0,
     process_count: int = 1,
+    concurrent_reads: bool = False,
 ) -> TrainLoader:
     """Build the infinite, deterministic training iterator (see module docstring).
 
@@ -400,6 +477,8 @@ def make_train_loader(
         origin) and ``fg_forced`` per element (for tests/debugging).
       process_index / process_count: multi-process runs; ``batch_size`` is the global batch
         and this process yields its ``batch_size / process_count`` elements of each.
+      concurrent_reads: build each batch in one grain element with all its patch reads in
+        flight together (:class:`BatchSampler`; same batches) — for large chunked volumes.
     """
     manifest = dataset.manifest
     case_ids = list(case_ids)
@@ -445,4 +524,5 @@ def make_train_loader(
         start_step=int(start_step),
         process_index=process_index,
         process_count=process_count,
+        concurrent_reads=concurrent_reads,
     )

@@ -313,6 +313,12 @@ class Dataset:
         self.manifest.case(case_id)
         return self._handle(case_id, "image")
 
+    def label_array(self, case_id: str):
+        """The case's label map as a lazily read tensorstore array ``[*spatial]`` (uint8)."""
+        if not self.manifest.case(case_id).has_label:
+            raise ValueError(f"case {case_id!r} has no label")
+        return self._handle(case_id, "label")
+
     def read_image(self, case_id: str, box=None) -> np.ndarray:
         """float32 ``[*box, C]`` raw intensities."""
         info = self.manifest.case(case_id)

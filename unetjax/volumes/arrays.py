@@ -16,7 +16,15 @@ import numpy as np
 
 from unetjax.data.errors import DataError
 
-__all__ = ["Geometry", "open_array", "array_spec", "create_array", "with_channels"]
+__all__ = [
+    "Geometry",
+    "open_array",
+    "array_spec",
+    "create_array",
+    "read_box",
+    "read_boxes",
+    "with_channels",
+]
 
 DEFAULT_CACHE_BYTES = 64 << 20
 
@@ -153,3 +161,31 @@ def with_channels(array, ndim: int):
             f"with {ndim} spatial axes"
         )
     return array
+
+
+def read_box(array, lo: Sequence[int], hi: Sequence[int], pad_value: float = 0.0):
+    """Start reading the box ``[lo, hi)`` of ``array [*spatial, C]``; the parts outside the
+    array are filled with ``pad_value``. Returns a callable that waits and gives float32."""
+    shape = np.asarray(array.shape[:-1], np.int64)
+    lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+    clo, chi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+    future = None
+    if (chi > clo).all():
+        box = tuple(slice(int(a), int(b)) for a, b in zip(clo, chi, strict=True))
+        future = array[box].read()
+
+    def result() -> np.ndarray:
+        out = np.full((*(hi - lo), array.shape[-1]), pad_value, np.float32)
+        if future is not None:
+            inner = tuple(slice(int(a), int(b)) for a, b in zip(clo - lo, chi - lo, strict=True))
+            out[inner] = future.result()
+        return out
+
+    return result
+
+
+def read_boxes(array, boxes, pad_value: float = 0.0) -> list[np.ndarray]:
+    """Read many ``(lo, hi)`` boxes of ``array [*spatial, C]`` concurrently: every read is
+    issued (tensorstore futures) before the first is waited for."""
+    pending = [read_box(array, lo, hi, pad_value) for lo, hi in boxes]
+    return [result() for result in pending]

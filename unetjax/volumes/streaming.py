@@ -44,9 +44,9 @@ from unetjax.inference.sliding_window import (
     make_tta_predict_fn,
     window_starts,
 )
-from unetjax.volumes.arrays import Geometry, create_array, with_channels
+from unetjax.volumes.arrays import Geometry, create_array, read_box, with_channels
 
-__all__ = ["StreamResult", "predict_volume", "read_box", "region_bounds", "RegionPlan"]
+__all__ = ["StreamResult", "predict_volume", "region_bounds", "RegionPlan"]
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +75,6 @@ class StreamResult:
     @property
     def voxels_per_s(self) -> float:
         return self.voxels_written / self.seconds if self.seconds > 0 else float("nan")
-
-
-def read_box(array, lo: Sequence[int], hi: Sequence[int], pad_value: float = 0.0):
-    """Start reading the box ``[lo, hi)`` of ``array [*spatial, C]``; the parts outside the
-    array are filled with ``pad_value``. Returns a callable that waits and gives float32."""
-    shape = np.asarray(array.shape[:-1], np.int64)
-    lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
-    clo, chi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
-    future = None
-    if (chi > clo).all():
-        box = tuple(slice(int(a), int(b)) for a, b in zip(clo, chi, strict=True))
-        future = array[box].read()
-
-    def result() -> np.ndarray:
-        out = np.full((*(hi - lo), array.shape[-1]), pad_value, np.float32)
-        if future is not None:
-            inner = tuple(slice(int(a), int(b)) for a, b in zip(clo - lo, chi - lo, strict=True))
-            out[inner] = future.result()
-        return out
-
-    return result
 
 
 def region_bounds(z_starts: Sequence[int], size0: int) -> list[tuple[int, int]]:
