@@ -266,9 +266,11 @@ def make_genseg_step(
                 gen_params,
             )
 
-            def d_loss_fn(d_params):
-                d = lambda x: disc.apply({"params": d_params}, masks, x)  # noqa: E731
-                return discriminator_loss(d(target), d(jax.lax.stop_gradient(fake)), cfg.gan_mode)
+            def d_loss_fn(d_params):  # real and fake in one pass (per-sample norms: exact)
+                both = jnp.concatenate([target, jax.lax.stop_gradient(fake)])
+                logits = disc.apply({"params": d_params}, jnp.concatenate([masks, masks]), both)
+                n = target.shape[0]
+                return discriminator_loss(logits[:n], logits[n:], cfg.gan_mode)
 
             d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state.disc_params)
             disc_params, disc_opt = _apply(
