@@ -41,7 +41,7 @@ __all__ = ["CODECS", "codec_spec", "ingest_volume", "default_chunks"]
 CODECS = ("raw", "lz4", "zstd")
 PERCENTILE_SAMPLES = 4_000_000
 DEFAULT_CHUNK = 64
-DEFAULT_CODEC = "lz4"
+DEFAULT_CODEC = "raw"
 
 
 def codec_spec(codec: str, typesize: int) -> dict | None:

@@ -356,7 +356,8 @@ def predict_volume(
                 finished_now += 1
                 bar.update(written, k, n_regions)
             d = z1 - z0
-            acc[: patch[0] - d] = acc[d:]
+            for row in range(patch[0] - d):  # row by row: no temporary copy of the accumulator
+                acc[row] = acc[row + d]
             acc[patch[0] - d :] = 0
             if stop_after_regions is not None and finished_now >= stop_after_regions:
                 break
@@ -393,20 +394,24 @@ def predict_volume(
     )
 
 
-def _write_region(arrays: dict, plan: RegionPlan, acc_rows: np.ndarray, z0: int, z1: int) -> int:
-    """Normalise padded rows ``[z0, z1)`` of the accumulator, crop and write them."""
+def _write_region(
+    arrays: dict, plan: RegionPlan, acc_rows: np.ndarray, z0: int, z1: int, rows_per_write: int = 8
+) -> int:
+    """Normalise padded rows ``[z0, z1)`` of the accumulator, crop and write them, a few rows
+    at a time (bounded temporaries)."""
     r0, r1 = plan.output_rows(z0, z1)
-    if r1 <= r0:
-        return 0
     b = plan.pad_before[0]
-    rows = slice(r0 + b - z0, r1 + b - z0)
     crop = plan.plane_crop()
-    probs = acc_rows[(rows, *crop)] / plan.weight(r0 + b, r1 + b)[(slice(None), *crop)][..., None]
-    futures = []
-    if "probabilities" in arrays:
-        futures.append(arrays["probabilities"][r0:r1].write(probs))
-    if "labels" in arrays:
-        futures.append(arrays["labels"][r0:r1].write(probs.argmax(-1).astype(np.uint8)))
-    for f in futures:
-        f.result()
-    return probs.shape[0] * int(np.prod(probs.shape[1:-1]))
+    for a0 in range(r0, r1, rows_per_write):
+        a1 = min(a0 + rows_per_write, r1)
+        rows = slice(a0 + b - z0, a1 + b - z0)
+        weight = plan.weight(a0 + b, a1 + b)[(slice(None), *crop)]
+        probs = acc_rows[(rows, *crop)] / weight[..., None]
+        futures = []
+        if "probabilities" in arrays:
+            futures.append(arrays["probabilities"][a0:a1].write(probs))
+        if "labels" in arrays:
+            futures.append(arrays["labels"][a0:a1].write(probs.argmax(-1).astype(np.uint8)))
+        for f in futures:
+            f.result()
+    return max(r1 - r0, 0) * int(np.prod(plan.shape[1:]))
