@@ -31,14 +31,7 @@ def predict_case(
     """Class probabilities ``[*spatial, K]`` of one stored case (Gaussian sliding window)."""
     dataset = dataset or exp.dataset
     image = exp.normalize(dataset.read_image(case_id), case_id, dataset)
-    return sliding_window_predict(
-        image,
-        lambda tiles: predict(params, tiles),
-        exp.patch_size,
-        exp.num_classes,
-        step=exp.config.eval.step,
-        batch_size=exp.config.eval.batch_size,
-    )
+    return predict_image(exp, predict, params, image)
 
 
 def predict_image(exp, predict: Callable, params, image: np.ndarray) -> np.ndarray:
