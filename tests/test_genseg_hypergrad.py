@@ -118,8 +118,9 @@ def test_exact_matches_float64_central_difference_and_darts(problem64):
         g = _flat(exact.arch_grad)
         assert np.all(np.isfinite(g)) and np.abs(g).max() > 1e-6
         # the literal definition (grad through the unrolled step) gives the same number
-        unroll = jit0(exact_hypergradient, static_argnums=(0, 8))(*_args(d), "unroll")
-        np.testing.assert_allclose(_flat(unroll.arch_grad), g, rtol=1e-9, atol=1e-14)
+        for method in ("unroll", "fwd_rev"):
+            other = jit0(exact_hypergradient, static_argnums=(0, 8))(*_args(d), method)
+            np.testing.assert_allclose(_flat(other.arch_grad), g, rtol=1e-9, atol=1e-14)
 
         # brute force: central difference of L_val(S1(alpha)), alpha entry by entry
         f = jit0(unrolled_val_loss, static_argnums=0)

@@ -88,7 +88,9 @@ def test_vmapped_seeds_match_seeds_one_by_one(tiny_data):
     state = prog.init(keys)
     for b in batches:
         state, _ = prog.step(state, b)
-    single = make_genseg_step(models, opts, A.genseg_config(cfg, "genseg"), k, compiler_options=OPT0)
+    single = make_genseg_step(
+        models, opts, A.genseg_config(cfg, "genseg"), k, compiler_options=OPT0
+    )
     for i, key in enumerate(keys):
         s = init_genseg_state(key, models, opts, example, k, compiler_options=OPT0)
         for b in batches:

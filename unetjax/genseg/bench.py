@@ -82,8 +82,8 @@ def main(argv=None):
     for mode in args.modes:
         if mode == "genseg_darts":
             cfg = GenSegConfig(mode="genseg", hypergradient="darts")
-        elif mode == "genseg_unroll":
-            cfg = GenSegConfig(mode="genseg", exact_method="unroll")
+        elif mode in ("genseg_unroll", "genseg_fwd_rev"):
+            cfg = GenSegConfig(mode="genseg", exact_method=mode.removeprefix("genseg_"))
         else:
             cfg = GenSegConfig(mode=mode)
         options = TEST_COMPILER_OPTIONS if args.fast_compile else None

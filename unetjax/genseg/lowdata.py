@@ -261,7 +261,9 @@ class Runner:
 
 
 def _alpha_softmax(arch) -> dict:
-    return {k: np.asarray(jax.nn.softmax(v, -1)).round(4).tolist() for k, v in arch.items()}
+    return {
+        k: np.asarray(jax.nn.softmax(v, -1), np.float64).round(4).tolist() for k, v in arch.items()
+    }
 
 
 def check_out_dir(cfg: ml_collections.ConfigDict, out: pathlib.Path) -> None:

@@ -43,7 +43,8 @@ class RunLog:
         arch = getattr(state, "arch", None)
         if arch:
             row["alpha_softmax"] = {
-                k: np.asarray(jax.nn.softmax(v, -1)).round(4).tolist() for k, v in arch.items()
+                k: np.asarray(jax.nn.softmax(v, -1), np.float64).round(4).tolist()
+                for k, v in arch.items()
             }
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

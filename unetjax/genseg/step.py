@@ -69,7 +69,7 @@ LEVELS = {  # mode -> (level 1, level 2, level 3, extra S step on val)
 class GenSegConfig:
     mode: str = "genseg"
     hypergradient: str = "exact"  # or "darts"
-    exact_method: str = "jvp"  # or "unroll" (same number; see hypergrad.exact_hypergradient)
+    exact_method: str = "jvp"  # "fwd_rev", "unroll": same number (hypergrad.exact_hypergradient)
     lambda_syn: float = 1.0
     inner_lr: float = 0.01  # eta of the unrolled SGD step
     darts_eps: float = 0.01
