@@ -59,6 +59,21 @@ def test_streaming_equals_in_memory(tmp_path, shape, patch, step, mirror):
     np.testing.assert_array_equal(read(tmp_path / "out" / "labels"), ref.argmax(-1))
 
 
+def test_normalisation_then_padding_as_in_memory(tmp_path):
+    """A raw volume shorter than the patch, normalised per tile, equals the in-memory window
+    over the normalised volume (padding is in normalised space)."""
+    shape, patch = (5, 12, 9), (8, 4, 4)
+    raw = np.random.default_rng(4).normal(10.0, 3.0, size=(*shape, 1)).astype(np.float32)
+    norm = lambda x: (x - 10.0) / 3.0  # noqa: E731
+    fn = make_fn(patch)
+    ref = sliding_window_predict(norm(raw), fn, patch, K, batch_size=2)
+    predict_volume(
+        ts.array(raw), fn, patch, K, tmp_path / "o", batch_size=2, normalize=norm,
+        outputs=("probabilities",), progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(read(tmp_path / "o" / "probabilities"), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_after_interruption_gives_same_output(tmp_path):
     shape, patch = (40, 9, 7), (8, 6, 4)
     vol = np.random.default_rng(2).normal(size=shape).astype(np.float32)  # no channel axis

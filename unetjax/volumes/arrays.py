@@ -163,9 +163,10 @@ def with_channels(array, ndim: int):
     return array
 
 
-def read_box(array, lo: Sequence[int], hi: Sequence[int], pad_value: float = 0.0):
-    """Start reading the box ``[lo, hi)`` of ``array [*spatial, C]``; the parts outside the
-    array are filled with ``pad_value``. Returns a callable that waits and gives float32."""
+def read_box(array, lo: Sequence[int], hi: Sequence[int], pad_value: float = 0.0, transform=None):
+    """Start reading the box ``[lo, hi)`` of ``array [*spatial, C]``; returns a callable that
+    waits and gives float32. ``transform`` (e.g. normalisation) is applied to the part inside
+    the array; the parts outside are ``pad_value`` (after ``transform``)."""
     shape = np.asarray(array.shape[:-1], np.int64)
     lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
     clo, chi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
@@ -178,7 +179,8 @@ def read_box(array, lo: Sequence[int], hi: Sequence[int], pad_value: float = 0.0
         out = np.full((*(hi - lo), array.shape[-1]), pad_value, np.float32)
         if future is not None:
             inner = tuple(slice(int(a), int(b)) for a, b in zip(clo - lo, chi - lo, strict=True))
-            out[inner] = future.result()
+            data = np.asarray(future.result(), np.float32)
+            out[inner] = data if transform is None else transform(data)
         return out
 
     return result

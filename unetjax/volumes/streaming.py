@@ -204,8 +204,9 @@ def predict_volume(
         are sharded over ``data``); always called with exactly ``batch_size`` tiles.
       patch_size, num_classes, step, batch_size, mirror_axes, pad_value: as in
         ``sliding_window_predict``.
-      normalize: applied to each raw tile (float32 ``[*patch, C]``) before the model; must be
-        voxel-wise (e.g. z-score with whole-volume statistics), so tiles agree on overlaps.
+      normalize: applied to the voxels each tile reads (float32 ``[..., C]``) before padding
+        (``pad_value`` is in normalised space, as for ``sliding_window_predict`` of the
+        normalised image); must be voxel-wise (e.g. z-score with whole-volume statistics).
       outputs: any of ``"probabilities"`` (float32 ``[*spatial, K]``) and ``"labels"``
         (uint8 argmax ``[*spatial]``).
       geometry: spacing/affine stored in ``volume.json`` (for NIfTI export).
@@ -303,14 +304,14 @@ def predict_volume(
         readers = []
         for c in corners:
             lo = np.asarray((z, *c), np.int64) - np.asarray(plan.pad_before)
-            readers.append(read_box(volume, lo, lo + np.asarray(patch), pad_value))
+            readers.append(read_box(volume, lo, lo + np.asarray(patch), pad_value, normalize))
         return readers
 
     def gather(readers) -> np.ndarray:
         t = time.perf_counter()
         tiles = np.zeros((batch_size, *patch, volume.shape[-1]), np.float32)
         for i, r in enumerate(readers):
-            tiles[i] = r() if normalize is None else normalize(r())
+            tiles[i] = r()
         timers["read"] += time.perf_counter() - t
         return tiles
 
