@@ -14,10 +14,14 @@ import json
 import logging
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
+from unetjax.host_devices import configure_host_devices
 
-from unetjax.volumes.predict import predict_workdir
+configure_host_devices()  # before JAX starts: tiles sharded over the CPU's cores
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+from unetjax.volumes.predict import predict_workdir  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training workdir (its best checkpoint is used).")
 flags.DEFINE_string("input", None, "Volume file, unetjax store, zarr/N5 directory, spec or URL.")
