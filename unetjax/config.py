@@ -30,6 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.fg_oversample = 0.33
     c.data.num_threads = 2
     c.data.prefetch = 2
+    # all patch reads of a batch in flight at once (tensorstore futures); same batches.
+    # Pays for large volumes on slow storage (docs/VOLUMES.md)
+    c.data.concurrent_reads = False
     c.data.augment = ml_collections.ConfigDict({"enabled": True})
 
     c.model = ml_collections.ConfigDict()

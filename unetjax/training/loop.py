@@ -132,6 +132,7 @@ def train_and_evaluate(
         normalization=config.data.normalization,
         num_threads=config.data.num_threads,
         prefetch=config.data.prefetch,
+        concurrent_reads=config.data.get("concurrent_reads", False),  # older workdirs lack it
         start_step=start_step,
         ct_stats=exp.ct_stats,
         process_index=jax.process_index(),
