@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_trust_uncertainty import random_params
 
 from unetjax.config import default_config
@@ -20,10 +21,15 @@ NUM_CASES = 8
 @pytest.fixture(scope="module")
 def trained(nuclei_dir, tmp_path_factory) -> run.Trained:
     root = tmp_path_factory.mktemp("trust_nuclei")
+    small = [
+        p.name
+        for p in sorted((nuclei_dir / "images").glob("*.png"))
+        if Image.open(p).size == (256, 256)
+    ][:NUM_CASES]  # one tile batch each
     for sub in ("images", "masks"):
         (root / "data" / sub).mkdir(parents=True)
-        for path in sorted((nuclei_dir / sub).glob("*.png"))[:NUM_CASES]:
-            shutil.copy(path, root / "data" / sub / path.name)
+        for name in small:
+            shutil.copy(nuclei_dir / sub / name, root / "data" / sub / name)
     c = default_config()
     c.data.path = str(root / "data")
     c.data.store_dir = str(root / "store")

@@ -23,8 +23,18 @@ _MAPS = {
     "viridis": [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)],
     "magma": [(0, 0, 4), (81, 18, 124), (183, 55, 121), (252, 137, 97), (252, 253, 191)],
 }
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf"]  # fmt: skip
+PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
 
 
 def colormap(values: np.ndarray, lo: float, hi: float, name: str = "magma") -> np.ndarray:
@@ -161,31 +171,41 @@ def line_chart_svg(
         f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>',
     ]
     for t in _nice_ticks(y0, y1):
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" '
-                   'stroke="#e5e5e5"/>')  # fmt: skip
+        out.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" '
+            'stroke="#e5e5e5"/>'
+        )
         out.append(f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
     for t in _nice_ticks(x0, x1):
         out.append(f'<text x="{px(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{t:g}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" '
-               'stroke="#444"/>')  # fmt: skip
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
     if diagonal:
-        out.append(f'<line x1="{px(0):.1f}" y1="{py(0):.1f}" x2="{px(1):.1f}" y2="{py(1):.1f}" '
-                   'stroke="#999" stroke-dasharray="4 3"/>')  # fmt: skip
-    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">'
-               f'{html.escape(xlabel)}</text>')  # fmt: skip
-    out.append(f'<text transform="translate(13 {top + ph / 2}) rotate(-90)" '
-               f'text-anchor="middle">{html.escape(ylabel)}</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{px(0):.1f}" y1="{py(0):.1f}" x2="{px(1):.1f}" y2="{py(1):.1f}" '
+            'stroke="#999" stroke-dasharray="4 3"/>'
+        )
+    out.append(
+        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">'
+        f"{html.escape(xlabel)}</text>"
+    )
+    out.append(
+        f'<text transform="translate(13 {top + ph / 2}) rotate(-90)" '
+        f'text-anchor="middle">{html.escape(ylabel)}</text>'
+    )
     for i, (name, (sx, sy)) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         pts = [(px(x), py(y)) for x, y in zip(sx, sy, strict=True) if np.isfinite(y)]
         if len(pts) > 1:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-            out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" '
-                       'stroke-width="1.8"/>')  # fmt: skip
+            out.append(
+                f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.8"/>'
+            )
         out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.6" fill="{colour}"/>' for x, y in pts]
         ly = top + 10 + 16 * i
-        out.append(f'<line x1="{left + pw + 10}" x2="{left + pw + 28}" y1="{ly}" y2="{ly}" '
-                   f'stroke="{colour}" stroke-width="2"/>')  # fmt: skip
+        out.append(
+            f'<line x1="{left + pw + 10}" x2="{left + pw + 28}" y1="{ly}" y2="{ly}" '
+            f'stroke="{colour}" stroke-width="2"/>'
+        )
         out.append(f'<text x="{left + pw + 32}" y="{ly + 4}">{html.escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out)
@@ -199,9 +219,15 @@ def reliability_svg(diagrams: dict[str, dict], title: str) -> str:
         keep = [i for i, c in enumerate(conf) if np.isfinite(c)]
         series[name] = ([conf[i] for i in keep], [acc[i] for i in keep])
     return line_chart_svg(
-        series, title=title, xlabel="confidence (bin mean)", ylabel="accuracy (bin mean)",
-        ylim=(0.0, 1.0), diagonal=True, width=460, height=340,
-    )  # fmt: skip
+        series,
+        title=title,
+        xlabel="confidence (bin mean)",
+        ylabel="accuracy (bin mean)",
+        ylim=(0.0, 1.0),
+        diagonal=True,
+        width=460,
+        height=340,
+    )
 
 
 # ----------------------------------------------------------------------------- tables, page

@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import pathlib
 import shutil
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from scipy import special, stats
+from scipy import ndimage, special, stats
 
 from unetjax import metrics
 from unetjax.data.normalize import normalize
@@ -62,6 +63,7 @@ from unetjax.trust.uncertainty import (
 )
 
 ANALYSES = ("robustness", "calibration", "uncertainty", "explain")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -269,18 +271,23 @@ def run_robustness(
     predict, exp, groups = _predict_fn(t, tta), t.exp, groups or {}
     rows, examples = [], {}
     for i, case_id in enumerate(case_ids):
+        log.info("robustness: case %s (%d/%d)", case_id, i + 1, len(case_ids))
         raw = np.asarray(t.dataset.read_image(case_id), np.float32)
         target = t.dataset.read_label(case_id)
 
         def score(image, name, severity, raw_image, cid=case_id, tgt=target):
             probs = predict_image(exp, predict, t.params, normalize_raw(t, image, cid))
-            rows.append({
-                "corruption": name, "severity": severity, "case": cid,
-                "group": groups.get(cid, "-"),
-                "dice": case_dice(probs.argmax(-1), tgt, exp.num_classes),
-                "mean_entropy": float(special.entr(probs).sum(-1).mean()),
-                "psnr_db": float(min(psnr(raw_image, image), 99.0)),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "corruption": name,
+                    "severity": severity,
+                    "case": cid,
+                    "group": groups.get(cid, "-"),
+                    "dice": case_dice(probs.argmax(-1), tgt, exp.num_classes),
+                    "mean_entropy": float(special.entr(probs).sum(-1).mean()),
+                    "psnr_db": float(min(psnr(raw_image, image), 99.0)),
+                }
+            )
             return probs
 
         score(raw, "none", 0, raw)
@@ -302,10 +309,12 @@ def run_robustness(
     report.save_text(
         out_dir / "dice_vs_severity.svg",
         report.line_chart_svg(
-            {n: series[n] for n in names}, title="Mean foreground Dice vs corruption severity",
-            xlabel="severity (0 = clean)", ylabel="Dice",
+            {n: series[n] for n in names},
+            title="Mean foreground Dice vs corruption severity",
+            xlabel="severity (0 = clean)",
+            ylabel="Dice",
         ),
-    )  # fmt: skip
+    )
     # Example: the first case at the highest severity of each corruption (display slice).
     raw0 = np.asarray(t.dataset.read_image(case_ids[0]), np.float32)
     label0 = t.dataset.read_label(case_ids[0])
@@ -321,12 +330,21 @@ def run_robustness(
     for g in sorted({r["group"] for r in rows} - {"-"}):
         clean = [r["dice"] for r in rows if r["group"] == g and r["severity"] == 0]
         groups_summary[g] = {"clean_dice": _mean(clean), "cases": len(clean)}
-    return _finish(out_dir, {
-        "cases": list(case_ids), "corruptions": names, "severities": list(severities),
-        "seed": seed, "tta": tta, "space": "raw intensities, then the training normalisation",
-        "table_header": header, "table": table, "groups": groups_summary,
-        "figures": {"plot": "dice_vs_severity.svg", "examples": "examples.png"},
-    })  # fmt: skip
+    return _finish(
+        out_dir,
+        {
+            "cases": list(case_ids),
+            "corruptions": names,
+            "severities": list(severities),
+            "seed": seed,
+            "tta": tta,
+            "space": "raw intensities, then the training normalisation",
+            "table_header": header,
+            "table": table,
+            "groups": groups_summary,
+            "figures": {"plot": "dice_vs_severity.svg", "examples": "examples.png"},
+        },
+    )
 
 
 def _robustness_summary(rows, names, severities):
@@ -334,19 +352,32 @@ def _robustness_summary(rows, names, severities):
     summary, series = [], {}
     for name in names:
         xs, ys = [0], [_mean(r["dice"] for r in clean)]
-        summary.append({"corruption": name, "severity": 0, "dice_mean": ys[0],
-                        "dice_std": _std(r["dice"] for r in clean),
-                        "mean_entropy": _mean(r["mean_entropy"] for r in clean),
-                        "psnr_db": math.inf, "cases": len(clean)})  # fmt: skip
+        summary.append(
+            {
+                "corruption": name,
+                "severity": 0,
+                "dice_mean": ys[0],
+                "dice_std": _std(r["dice"] for r in clean),
+                "mean_entropy": _mean(r["mean_entropy"] for r in clean),
+                "psnr_db": math.inf,
+                "cases": len(clean),
+            }
+        )
         for s in severities:
             sel = [r for r in rows if r["corruption"] == name and r["severity"] == s]
             xs.append(s)
             ys.append(_mean(r["dice"] for r in sel))
-            summary.append({"corruption": name, "severity": s, "dice_mean": ys[-1],
-                            "dice_std": _std(r["dice"] for r in sel),
-                            "mean_entropy": _mean(r["mean_entropy"] for r in sel),
-                            "psnr_db": _mean(r["psnr_db"] for r in sel),
-                            "cases": len(sel)})  # fmt: skip
+            summary.append(
+                {
+                    "corruption": name,
+                    "severity": s,
+                    "dice_mean": ys[-1],
+                    "dice_std": _std(r["dice"] for r in sel),
+                    "mean_entropy": _mean(r["mean_entropy"] for r in sel),
+                    "psnr_db": _mean(r["psnr_db"] for r in sel),
+                    "cases": len(sel),
+                }
+            )
         series[name] = (xs, ys)
     return summary, series
 
@@ -376,6 +407,7 @@ def run_calibration(
         logits.append(log_probs(probs).astype(np.float32))
         labels.append(exp.dataset.read_label(case_id))
     temperature = fit_temperature(logits, labels)
+    log.info("calibration: T = %.4f from %d val cases", temperature, len(val_ids))
     del logits, labels
     bins = {"before": {}, "after": {}}
     nll = {"before": [], "after": []}
@@ -392,16 +424,24 @@ def run_calibration(
 
     def eces(b):
         per_class = np.asarray(ece_from_bins(b["classwise"]))
-        return {"ece": ece_from_bins(b["top_label"]), "classwise_ece": float(np.nanmean(per_class)),
-                "per_class_ece": [float(x) for x in per_class]}  # fmt: skip
+        return {
+            "ece": ece_from_bins(b["top_label"]),
+            "classwise_ece": float(np.nanmean(per_class)),
+            "per_class_ece": [float(x) for x in per_class],
+        }
 
     results = {k: {w: eces(bins[w][k]) for w in bins} for k in bins["before"]}
     header = ["cases", "top-label ECE before", "after", "class-wise ECE before", "after"]
     table = [
-        [k, r["before"]["ece"], r["after"]["ece"], r["before"]["classwise_ece"],
-         r["after"]["classwise_ece"]]
+        [
+            k,
+            r["before"]["ece"],
+            r["after"]["ece"],
+            r["before"]["classwise_ece"],
+            r["after"]["classwise_ece"],
+        ]
         for k, r in results.items()
-    ]  # fmt: skip
+    ]
     report.save_text(out_dir / "calibration.md", report.markdown_table(header, table))
     diagrams = {
         f"{w} (T={temperature:.2f})" if w == "after" else w: reliability_diagram(
@@ -422,14 +462,22 @@ def run_calibration(
         out_dir / "reliability_classwise.svg",
         report.reliability_svg(fg, "Reliability per foreground class (one-vs-rest)"),
     )
-    return _finish(out_dir, {
-        "val_cases": len(val_ids), "cases": list(case_ids), "temperature": temperature,
-        "num_bins": num_bins, "tta": tta, "results": results,
-        "nll_before": _mean(nll["before"]), "nll_after": _mean(nll["after"]),
-        "table_header": header, "table": table,
-        "figures": {"reliability": "reliability.svg",
-                    "classwise": "reliability_classwise.svg"},
-    })  # fmt: skip
+    return _finish(
+        out_dir,
+        {
+            "val_cases": len(val_ids),
+            "cases": list(case_ids),
+            "temperature": temperature,
+            "num_bins": num_bins,
+            "tta": tta,
+            "results": results,
+            "nll_before": _mean(nll["before"]),
+            "nll_after": _mean(nll["after"]),
+            "table_header": header,
+            "table": table,
+            "figures": {"reliability": "reliability.svg", "classwise": "reliability_classwise.svg"},
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- uncertainty
@@ -461,12 +509,19 @@ def run_uncertainty(
     key = jax.random.key(seed)
     rows, overlays = [], {}
     for i, case_id in enumerate(case_ids):
+        log.info("uncertainty: case %s (%d/%d)", case_id, i + 1, len(case_ids))
         info = t.dataset.manifest.case(case_id)
         image = exp.normalize(t.dataset.read_image(case_id), case_id, t.dataset)
         maps = sliding_window_uncertainty(
-            image, fn, t.params, jax.random.fold_in(key, i), exp.patch_size, exp.num_classes,
-            step=exp.config.eval.step, batch_size=batch,
-        )  # fmt: skip
+            image,
+            fn,
+            t.params,
+            jax.random.fold_in(key, i),
+            exp.patch_size,
+            exp.num_classes,
+            step=exp.config.eval.step,
+            batch_size=batch,
+        )
         labels = maps["probs"].argmax(-1).astype(np.uint8)
         target = t.dataset.read_label(case_id) if info.has_label else None
         scores = case_uncertainty(maps)
@@ -479,19 +534,31 @@ def run_uncertainty(
         ent2 = maps["entropy"][k] if k is not None else maps["entropy"]
         mi2 = maps["mutual_info"][k] if k is not None else maps["mutual_info"]
         h_max = math.log(exp.num_classes)
+        mi_hi = max(float(np.percentile(mi2, 99.5)), 1e-6)  # MI is sparse: clip its peaks
         views = [
             (report.grayscale_rgb(img2) * 255).astype(np.uint8),
             overlay_png(img2, lab2, tgt2),
             report.heat_overlay(img2, ent2, h_max),
-            report.heat_overlay(img2, mi2, max(float(mi2.max()), 0.05 * h_max)),
+            report.heat_overlay(img2, mi2, mi_hi),
         ]
-        titles = ["image" + (f" (slice {k})" if k is not None else ""), "prediction / truth",
-                  f"entropy (0-{h_max:.2f} nats)", f"mutual info (0-{mi2.max():.3f})"]  # fmt: skip
+        titles = [
+            "image" + (f" (slice {k})" if k is not None else ""),
+            "prediction / truth",
+            f"entropy (0-{h_max:.2f} nats)",
+            f"mutual info (0-{mi_hi:.3f})",
+        ]
         png = out_dir / "overlays" / f"{case_id}.png"
         report.save_png(png, report.panel(views, titles, height=160))
         overlays[case_id] = f"overlays/{case_id}.png"
-        rows.append({"case": case_id, "group": groups.get(case_id, "-"), "dice": dice,
-                     **scores, "maps": " ".join(files)})  # fmt: skip
+        rows.append(
+            {
+                "case": case_id,
+                "group": groups.get(case_id, "-"),
+                "dice": dice,
+                **scores,
+                "maps": " ".join(files),
+            }
+        )
     _write_csv(out_dir / "cases.csv", rows)
     valid = [(r["score"], r["dice"]) for r in rows if np.isfinite(r["score"] + r["dice"])]
     rho = p_value = math.nan
@@ -502,20 +569,30 @@ def run_uncertainty(
     for g in sorted({r["group"] for r in rows}):
         sel = [r for r in rows if r["group"] == g]
         by_group[g] = {
-            "cases": len(sel), "dice": _mean(r["dice"] for r in sel),
+            "cases": len(sel),
+            "dice": _mean(r["dice"] for r in sel),
             "score": _mean(r["score"] for r in sel),
             "mean_entropy": _mean(r["mean_entropy"] for r in sel),
             "mean_mutual_info": _mean(r["mean_mutual_info"] for r in sel),
-        }  # fmt: skip
+        }
     ranked = sorted(rows, key=lambda r: -r["score"] if np.isfinite(r["score"]) else 0.0)
     picks = [r["case"] for r in ranked[: max(1, num_examples // 2)]]
     picks += [r["case"] for r in ranked[::-1] if r["case"] not in picks][: num_examples // 2]
-    return _finish(out_dir, {
-        "mode": mode, "samples": samples, "affine": affine, "seed": seed,
-        "cases": len(rows), "spearman_score_vs_dice": rho, "spearman_p": p_value,
-        "groups": by_group, "examples": {c: overlays[c] for c in picks},
-        "per_case": [{k: r[k] for k in ("case", "group", "dice", "score")} for r in rows],
-    })  # fmt: skip
+    return _finish(
+        out_dir,
+        {
+            "mode": mode,
+            "samples": samples,
+            "affine": affine,
+            "seed": seed,
+            "cases": len(rows),
+            "spearman_score_vs_dice": rho,
+            "spearman_p": p_value,
+            "groups": by_group,
+            "examples": {c: overlays[c] for c in picks},
+            "per_case": [{k: r[k] for k in ("case", "group", "dice", "score")} for r in rows],
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- explanations
@@ -535,6 +612,16 @@ def _crop(array: np.ndarray, centre: Sequence[int], patch: Sequence[int], fill=0
     return np.pad(array, pads, constant_values=fill)[tuple(slices)]
 
 
+def _densest_window_centre(region: np.ndarray, patch: Sequence[int]) -> np.ndarray:
+    """Centre of the patch-sized window holding the most ``region`` voxels (image centre
+    when the region is empty)."""
+    if not region.any():
+        return np.asarray(region.shape) // 2
+    size = [min(p, n) for p, n in zip(patch, region.shape, strict=True)]
+    density = ndimage.uniform_filter(region.astype(np.float32), size, mode="constant")
+    return np.asarray(np.unravel_index(np.argmax(density), region.shape))
+
+
 def run_explain(
     t: Trained,
     case_ids: Sequence[str],
@@ -542,7 +629,7 @@ def run_explain(
     *,
     target_class: int = 1,
     steps: int = 128,
-    level: int = 1,
+    level: int = 2,
     sigma: float = 5.0,
 ) -> dict:
     """Integrated gradients and Grad-CAM on one patch per case; module notes."""
@@ -553,13 +640,12 @@ def run_explain(
     predict = _predict_fn(t, False)
     rows, overlays = [], {}
     for case_id in case_ids:
+        log.info("explain: case %s", case_id)
         info = t.dataset.manifest.case(case_id)
         image = exp.normalize(t.dataset.read_image(case_id), case_id, t.dataset)
         labels = predict_image(exp, predict, t.params, image).argmax(-1)
         target = t.dataset.read_label(case_id) if info.has_label else None
-        region = labels == target_class
-        centre = (np.argwhere(region).mean(0).round().astype(int) if region.any()
-                  else np.asarray(labels.shape) // 2)  # fmt: skip
+        centre = _densest_window_centre(labels == target_class, exp.patch_size)
         tile = _crop(image, centre, exp.patch_size)[None]
         tile_target = _crop(target, centre, exp.patch_size) if target is not None else None
         tile_pred = np.asarray(predict(t.params, tile)).argmax(-1)[0]
@@ -575,26 +661,45 @@ def run_explain(
         img2, lab2, tgt2, k = _display(tile[0], tile_pred.astype(np.uint8), tile_target)
         attr2 = attr[k] if k is not None else attr
         cam2 = cam[k] if k is not None else cam
-        views = [overlay_png(img2, lab2, tgt2), report.signed_overlay(img2, attr2),
-                 report.heat_overlay(img2, cam2, 1.0, "viridis")]  # fmt: skip
-        titles = ["patch: prediction / truth", "integrated gradients (+red -blue)",
-                  f"Grad-CAM (decoder level {level})"]  # fmt: skip
+        views = [
+            overlay_png(img2, lab2, tgt2),
+            report.signed_overlay(img2, attr2),
+            report.heat_overlay(img2, cam2, 1.0, "viridis"),
+        ]
+        titles = [
+            "patch: prediction / truth",
+            "integrated gradients (+red -blue)",
+            f"Grad-CAM (decoder level {level})",
+        ]
         report.save_png(out_dir / "overlays" / f"{case_id}.png", report.panel(views, titles, 192))
         overlays[case_id] = f"overlays/{case_id}.png"
         change = float(ig["target"][0] - ig["baseline_target"][0])
-        rows.append({
-            "case": case_id, "region_voxels": int(mask.sum()), "f_x": float(ig["target"][0]),
-            "f_baseline": float(ig["baseline_target"][0]), "sum_attributions":
-            float(attr.sum()), "completeness_gap": float(ig["delta"][0]),
-            "relative_gap": abs(float(ig["delta"][0])) / max(abs(change), 1e-12),
-            "maps": " ".join(files),
-        })  # fmt: skip
+        rows.append(
+            {
+                "case": case_id,
+                "region_voxels": int(mask.sum()),
+                "f_x": float(ig["target"][0]),
+                "f_baseline": float(ig["baseline_target"][0]),
+                "sum_attributions": float(attr.sum()),
+                "completeness_gap": float(ig["delta"][0]),
+                "relative_gap": abs(float(ig["delta"][0])) / max(abs(change), 1e-12),
+                "cam_positive_fraction": float((cam > 0).mean()),
+                "maps": " ".join(files),
+            }
+        )
     _write_csv(out_dir / "cases.csv", rows)
-    return _finish(out_dir, {
-        "target_class": target_class, "ig_steps": steps, "ig_rule": "trapezoid",
-        "baseline": f"Gaussian blur, sigma {sigma} voxels", "gradcam_level": level,
-        "cases": rows, "examples": overlays,
-    })  # fmt: skip
+    return _finish(
+        out_dir,
+        {
+            "target_class": target_class,
+            "ig_steps": steps,
+            "ig_rule": "trapezoid",
+            "baseline": f"Gaussian blur, sigma {sigma} voxels",
+            "gradcam_level": level,
+            "cases": rows,
+            "examples": overlays,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- report page
@@ -611,12 +716,18 @@ def write_report(out_dir: pathlib.Path, meta: dict) -> pathlib.Path:
         p = out_dir / name / "summary.json"
         if p.exists():
             parts[name] = json.loads(p.read_text())
-    sections = [("Model", (
-        f"<p>Workdir <code>{meta['workdir']}</code>, checkpoint step {meta['step']}, "
-        f"cases from <code>{meta['split']}</code>. Command: <code>{meta['command']}</code></p>"
-        "<p class='note'>Dice: mean over foreground classes per case, then over cases. "
-        "Entropy and mutual information in nats.</p>"
-    ))]  # fmt: skip
+    sections = [
+        (
+            "Model",
+            (
+                f"<p>Workdir <code>{meta['workdir']}</code>, checkpoint step {meta['step']}, "
+                f"cases from <code>{meta['split']}</code>.<br>"
+                f"Command: <code>{meta['command']}</code></p>"
+                "<p class='note'>Dice: mean over foreground classes per case, then over cases. "
+                "Entropy and mutual information in nats.</p>"
+            ),
+        )
+    ]
     if "robustness" in parts:
         r = parts["robustness"]
         body = (
@@ -644,8 +755,10 @@ def write_report(out_dir: pathlib.Path, meta: dict) -> pathlib.Path:
         sections.append(("Calibration", body))
     if "uncertainty" in parts:
         u = parts["uncertainty"]
-        rows = [[g, v["cases"], v["dice"], v["score"], v["mean_entropy"], v["mean_mutual_info"]]
-                for g, v in u["groups"].items()]  # fmt: skip
+        rows = [
+            [g, v["cases"], v["dice"], v["score"], v["mean_entropy"], v["mean_mutual_info"]]
+            for g, v in u["groups"].items()
+        ]
         body = (
             f"<p>{u['mode']} with {u['samples'] or 'the configured'} samples "
             f"(affine {u['affine']}). Per-case score = mean predictive entropy over the "
@@ -655,7 +768,7 @@ def write_report(out_dir: pathlib.Path, meta: dict) -> pathlib.Path:
             "tend to be worse.</p>"
             + report.html_table(
                 ["group", "cases", "Dice", "score", "mean entropy", "mean mutual info"], rows
-            )  # fmt: skip
+            )
             + "<p>Most and least uncertain cases:</p>"
             + "".join(_img(f"uncertainty/{p}", c) for c, p in u["examples"].items())
             + "<p class='note'>All cases: uncertainty/overlays/, maps: uncertainty/maps/, "
@@ -664,8 +777,16 @@ def write_report(out_dir: pathlib.Path, meta: dict) -> pathlib.Path:
         sections.append(("Uncertainty", body))
     if "explain" in parts:
         e = parts["explain"]
-        rows = [[r["case"], r["region_voxels"], r["f_x"], r["f_baseline"],
-                 r["sum_attributions"], r["relative_gap"]] for r in e["cases"]]  # fmt: skip
+        keys = (
+            "case",
+            "region_voxels",
+            "f_x",
+            "f_baseline",
+            "sum_attributions",
+            "relative_gap",
+            "cam_positive_fraction",
+        )
+        rows = [[r.get(k, math.nan) for k in keys] for r in e["cases"]]
         body = (
             f"<p>Target: summed probability of class {e['target_class']} over the predicted "
             f"region of a patch (IG: {e['ig_steps']} steps, {e['ig_rule']} rule, baseline "
@@ -673,8 +794,17 @@ def write_report(out_dir: pathlib.Path, meta: dict) -> pathlib.Path:
             "target). Completeness: the sum of attributions should equal f(x) - f(baseline)."
             "</p>"
             + report.html_table(
-                ["case", "region voxels", "f(x)", "f(baseline)", "sum IG", "relative gap"], rows
-            )  # fmt: skip
+                [
+                    "case",
+                    "region voxels",
+                    "f(x)",
+                    "f(baseline)",
+                    "sum IG",
+                    "relative gap",
+                    "Grad-CAM > 0 (fraction)",
+                ],
+                rows,
+            )
             + "".join(_img(f"explain/{p}", c) for c, p in e["examples"].items())
         )
         sections.append(("Explanations", body))
@@ -685,9 +815,14 @@ def write_report(out_dir: pathlib.Path, meta: dict) -> pathlib.Path:
 def export_figures(out_dir: pathlib.Path, docs_dir: pathlib.Path, max_examples: int = 2) -> list:
     """Copy the summary figures and tables (plus a few example overlays) to ``docs_dir``."""
     docs_dir.mkdir(parents=True, exist_ok=True)
-    picks = ["robustness/dice_vs_severity.svg", "robustness/robustness.md",
-             "robustness/examples.png", "calibration/reliability.svg",
-             "calibration/reliability_classwise.svg", "calibration/calibration.md"]  # fmt: skip
+    picks = [
+        "robustness/dice_vs_severity.svg",
+        "robustness/robustness.md",
+        "robustness/examples.png",
+        "calibration/reliability.svg",
+        "calibration/reliability_classwise.svg",
+        "calibration/calibration.md",
+    ]
     for name in ("uncertainty", "explain"):
         p = out_dir / name / "summary.json"
         if p.exists():
