@@ -55,11 +55,12 @@ TRUST_FLAGS = ("robustness", "calibration", "uncertainty", "explain")
 
 
 def run_trust(f) -> None:
+    from unetjax.trained import case_ids_for, load_trained
     from unetjax.trust import run
 
     logging.getLogger("unetjax").setLevel(logging.INFO)
-    t = run.load_trained(f.workdir, f.data)
-    case_ids, name = run.case_ids_for(t, f.split, f.data)
+    t = load_trained(f.workdir, f.data)
+    case_ids, name = case_ids_for(t, f.split, f.data)
     groups = run.load_groups(f.groups, case_ids)
     tta = t.exp.config.eval.mirror_tta if f.tta is None else f.tta
     cases = run.spread(case_ids, f.max_cases)

@@ -12,6 +12,7 @@ from test_trust_uncertainty import random_params
 
 from unetjax.config import default_config
 from unetjax.experiment import build_experiment
+from unetjax.trained import Trained, case_ids_for
 from unetjax.trust import report, run
 from unetjax.trust.corruptions import corrupt
 
@@ -19,7 +20,7 @@ NUM_CASES = 8
 
 
 @pytest.fixture(scope="module")
-def trained(nuclei_dir, tmp_path_factory) -> run.Trained:
+def trained(nuclei_dir, tmp_path_factory) -> Trained:
     root = tmp_path_factory.mktemp("trust_nuclei")
     small = [
         p.name
@@ -49,12 +50,12 @@ def trained(nuclei_dir, tmp_path_factory) -> run.Trained:
     # Random weights: the analyses' plumbing is under test here, not a model's quality
     # (test_trust_uncertainty trains one); no training keeps this test fast.
     params = random_params(exp.model, np.zeros((1, 64, 64, 3), np.float32))
-    return run.Trained(workdir, exp, params, 0, exp.dataset)
+    return Trained(workdir, exp, params, 0, exp.dataset)
 
 
 def test_all_analyses_write_complete_outputs_and_one_report(trained, tmp_path):
     t = trained
-    ids, name = run.case_ids_for(t, "test", None)
+    ids, name = case_ids_for(t, "test", None)
     assert name == "test" and ids == list(t.exp.split["test"])
     groups_file = tmp_path / "groups.json"
     groups_file.write_text(json.dumps({"groups": {"a": ids[:1], "b": ids[1:]}}))

@@ -14,7 +14,6 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 from PIL import Image
 
@@ -190,41 +189,13 @@ def evaluate_workdir(
     ``split`` is test, val, train or all (cases of the training data); with ``data_dir``
     every case of that folder is predicted, and scored where it has masks.
     """
-    from unetjax.checkpointing import Checkpointer, abstract_like
-    from unetjax.experiment import build_experiment, load_config, open_config_dataset
-    from unetjax.sharding import make_mesh, replicated
-    from unetjax.training.state import init_train_state, make_optimizer
-    from unetjax.training.step import make_predict_fn
+    from unetjax.trained import case_ids_for, load_trained, mesh_predictor
 
-    workdir = pathlib.Path(workdir)
-    config = load_config(workdir)
-    exp = build_experiment(config, workdir)
-    dataset = exp.dataset
-    if data_dir is not None:
-        dataset = open_config_dataset(config.data, data_dir)
-        m = dataset.manifest
-        if m.ndim != exp.dataset.manifest.ndim or m.channels != exp.in_channels:
-            raise ValueError(
-                f"{data_dir}: {m.ndim}D with {m.channels} channels, but the model was trained "
-                f"on {exp.dataset.manifest.ndim}D data with {exp.in_channels} channels"
-            )
-        case_ids, name = list(m.case_ids), pathlib.Path(data_dir).name
-    elif split == "all":
-        case_ids, name = list(dataset.manifest.case_ids), "all"
-    elif split in exp.split:
-        case_ids, name = list(exp.split[split]), split
-    else:
-        raise ValueError(f"split must be test, val, train or all; got {split!r}")
-
-    checkpointer = Checkpointer(workdir)
-    abstract = abstract_like(init_train_state(exp, make_optimizer(config.train)))
-    state, step = checkpointer.restore_best(abstract)
-    checkpointer.close()
-    tta = config.eval.mirror_tta if mirror_tta is None else mirror_tta
-    ndim = dataset.manifest.ndim
-    mesh = make_mesh(config.mesh, batch_size=config.eval.batch_size)
-    predict = make_predict_fn(exp.model, tuple(range(ndim)) if tta else (), mesh=mesh)
-    state = state.replace(params=jax.device_put(state.params, replicated(mesh)))
+    t = load_trained(workdir, data_dir)
+    exp, dataset = t.exp, t.dataset
+    case_ids, name = case_ids_for(t, split, data_dir)
+    workdir, ndim = t.workdir, t.ndim
+    predict, params, _ = mesh_predictor(t, mirror_tta)
 
     out_dir = workdir / "eval" / name
     (out_dir / "summary.json").unlink(missing_ok=True)  # incomplete until rewritten
@@ -243,13 +214,11 @@ def evaluate_workdir(
             scored_ids.append(case_id)
 
     stream_dir = out_dir / "volumes" if ndim == 3 else None
-    rows = score_cases(
-        exp, predict, state.params, case_ids, dataset, on_case=save, stream_dir=stream_dir
-    )
+    rows = score_cases(exp, predict, params, case_ids, dataset, on_case=save, stream_dir=stream_dir)
     summary = write_reports(out_dir, rows, scored_ids)
     return {
         "out_dir": str(out_dir),
-        "checkpoint_step": step,
+        "checkpoint_step": t.step,
         "num_cases": len(case_ids),
         "num_scored": len(rows),
         "summary": summary,

@@ -129,6 +129,20 @@ def _cached_tta(predict_fn: PredictFn, mirror_axes: tuple[int, ...]) -> PredictF
     return make_tta_predict_fn(predict_fn, mirror_axes)
 
 
+def with_mirror_tta(predict_fn: PredictFn, mirror_axes: Sequence[int], ndim: int) -> PredictFn:
+    """``predict_fn`` wrapped for mirror TTA over ``mirror_axes`` (unchanged when empty);
+    the wrapper is cached per ``(predict_fn, mirror_axes)`` when ``predict_fn`` is hashable."""
+    mirror_axes = tuple(int(a) for a in mirror_axes)
+    if any(not 0 <= a < ndim for a in mirror_axes):
+        raise ValueError(f"mirror_axes {mirror_axes} out of range for {ndim} spatial axes")
+    if not mirror_axes:
+        return predict_fn
+    try:
+        return _cached_tta(predict_fn, mirror_axes)
+    except TypeError:  # unhashable callable: build an uncached wrapper
+        return make_tta_predict_fn(predict_fn, mirror_axes)
+
+
 @jax.jit
 def _weighted_softmax(logits, weight):
     """``softmax(logits) * weight`` over the class axis, float32, on device."""
@@ -214,14 +228,7 @@ def sliding_window_predict(
     """
     grid = TileGrid(image, patch_size, step, batch_size, pad_value)
     patch_size, ndim = grid.patch_size, len(grid.patch_size)
-    mirror_axes = tuple(int(a) for a in mirror_axes)
-    if any(not 0 <= a < ndim for a in mirror_axes):
-        raise ValueError(f"mirror_axes {mirror_axes} out of range for {ndim} spatial axes")
-    if mirror_axes:
-        try:
-            predict_fn = _cached_tta(predict_fn, mirror_axes)
-        except TypeError:  # unhashable callable: build an uncached wrapper
-            predict_fn = make_tta_predict_fn(predict_fn, mirror_axes)
+    predict_fn = with_mirror_tta(predict_fn, mirror_axes, ndim)
 
     gaussian = gaussian_importance_map(patch_size)
     gaussian_dev = jnp.asarray(gaussian)

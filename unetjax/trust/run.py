@@ -40,6 +40,7 @@ from scipy import ndimage, special, stats
 from unetjax import metrics
 from unetjax.data.normalize import normalize
 from unetjax.evaluation import _atomic_write_bytes, overlay_png, predict_case, predict_image
+from unetjax.trained import Trained
 from unetjax.trust import report
 from unetjax.trust.attribution import (
     make_baseline,
@@ -64,57 +65,6 @@ from unetjax.trust.uncertainty import (
 
 ANALYSES = ("robustness", "calibration", "uncertainty", "explain")
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Trained:
-    """A workdir's experiment, best parameters and the dataset whose cases are analysed."""
-
-    workdir: pathlib.Path
-    exp: object
-    params: object
-    step: int
-    dataset: object
-
-    @property
-    def ndim(self) -> int:
-        return self.dataset.manifest.ndim
-
-
-def load_trained(workdir, data_dir: str | None = None) -> Trained:
-    """Restore the best checkpoint of ``workdir`` (optionally for another dataset folder)."""
-    from unetjax.checkpointing import Checkpointer, abstract_like
-    from unetjax.experiment import build_experiment, load_config, open_config_dataset
-    from unetjax.training.state import init_train_state, make_optimizer
-
-    workdir = pathlib.Path(workdir)
-    config = load_config(workdir)
-    exp = build_experiment(config, workdir)
-    dataset = exp.dataset
-    if data_dir is not None:
-        dataset = open_config_dataset(config.data, data_dir)
-        m = dataset.manifest
-        if m.ndim != exp.dataset.manifest.ndim or m.channels != exp.in_channels:
-            raise ValueError(
-                f"{data_dir}: {m.ndim}D with {m.channels} channels, but the model was trained "
-                f"on {exp.dataset.manifest.ndim}D data with {exp.in_channels} channels"
-            )
-    checkpointer = Checkpointer(workdir)
-    abstract = abstract_like(init_train_state(exp, make_optimizer(config.train)))
-    state, step = checkpointer.restore_best(abstract)
-    checkpointer.close()
-    return Trained(workdir, exp, state.params, step, dataset)
-
-
-def case_ids_for(t: Trained, split: str, data_dir: str | None) -> tuple[list[str], str]:
-    """Case ids and output name, as ``evaluation.evaluate_workdir`` chooses them."""
-    if data_dir is not None:
-        return list(t.dataset.manifest.case_ids), pathlib.Path(data_dir).name
-    if split == "all":
-        return list(t.dataset.manifest.case_ids), "all"
-    if split in t.exp.split:
-        return list(t.exp.split[split]), split
-    raise ValueError(f"split must be test, val, train or all; got {split!r}")
 
 
 def spread(case_ids: Sequence[str], max_cases: int) -> list[str]:

@@ -105,28 +105,15 @@ def predict_workdir(
     tensorstore spec or URL; statistics for z-scoring computed by one streaming pass).
     A single volume goes to ``output``; several cases to ``output/<case_id>``.
     """
-    import jax
-
-    from unetjax.checkpointing import Checkpointer, abstract_like
     from unetjax.data.store import open_store
-    from unetjax.experiment import build_experiment, load_config
-    from unetjax.sharding import make_mesh, replicated
-    from unetjax.training.state import init_train_state, make_optimizer
-    from unetjax.training.step import make_predict_fn
+    from unetjax.trained import load_trained, mesh_predictor
 
     workdir, output = pathlib.Path(workdir), pathlib.Path(output)
-    config = load_config(workdir)
-    exp = build_experiment(config, workdir)
-    if exp.dataset.manifest.ndim != 3:
+    t = load_trained(workdir)
+    exp, config, step = t.exp, t.exp.config, t.step
+    if t.ndim != 3:
         raise ValueError(f"{workdir}: predict.py streams 3D volumes; this model is 2D")
-    checkpointer = Checkpointer(workdir)
-    abstract = abstract_like(init_train_state(exp, make_optimizer(config.train)))
-    state, step = checkpointer.restore_best(abstract)
-    checkpointer.close()
-    tta = config.eval.mirror_tta if mirror_tta is None else mirror_tta
-    mesh = make_mesh(config.mesh, batch_size=config.eval.batch_size)
-    predict = make_predict_fn(exp.model, (0, 1, 2) if tta else (), mesh=mesh)
-    params = jax.device_put(state.params, replicated(mesh))
+    predict, params, tta = mesh_predictor(t, mirror_tta)
     identity = _identity(workdir, step, tta)
     outputs = ("labels", "probabilities") if probabilities else ("labels",)
 

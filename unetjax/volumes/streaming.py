@@ -38,11 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from unetjax.inference.sliding_window import (
-    _cached_tta,
     _weighted_softmax,
     gaussian_importance_map,
-    make_tta_predict_fn,
     window_starts,
+    with_mirror_tta,
 )
 from unetjax.volumes.arrays import Geometry, create_array, read_box, with_channels
 
@@ -231,13 +230,7 @@ def predict_volume(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     mirror_axes = tuple(int(a) for a in mirror_axes)
-    if any(not 0 <= a < ndim for a in mirror_axes):
-        raise ValueError(f"mirror_axes {mirror_axes} out of range for {ndim} spatial axes")
-    if mirror_axes:
-        try:
-            predict_fn = _cached_tta(predict_fn, mirror_axes)
-        except TypeError:
-            predict_fn = make_tta_predict_fn(predict_fn, mirror_axes)
+    predict_fn = with_mirror_tta(predict_fn, mirror_axes, ndim)
 
     plan = RegionPlan(shape, patch, step)
     out_dir = pathlib.Path(out_dir).absolute()
