@@ -1,5 +1,5 @@
-"""Streaming sliding window (unetjax.volumes.streaming) vs the in-memory reference; resume;
-NIfTI export. Tiny shapes, a jitted analytic 'model' (no network)."""
+"""Streaming sliding window (unetjax.volumes.streaming) vs the in-memory reference; in-plane
+blocks; resume; NIfTI export. Tiny shapes, a jitted analytic 'model' (no network)."""
 
 import json
 
@@ -13,7 +13,7 @@ import tensorstore as ts
 from unetjax.inference.sliding_window import sliding_window_predict
 from unetjax.volumes.arrays import Geometry, open_array
 from unetjax.volumes.export import export_nifti, open_prediction
-from unetjax.volumes.streaming import PROGRESS, predict_volume
+from unetjax.volumes.streaming import PROGRESS, RegionPlan, predict_volume
 
 K = 3
 
@@ -59,6 +59,52 @@ def test_streaming_equals_in_memory(tmp_path, shape, patch, step, mirror):
     np.testing.assert_array_equal(read(tmp_path / "out" / "labels"), ref.argmax(-1))
 
 
+@pytest.mark.parametrize(
+    "shape,patch,step,mirror,budget",
+    [
+        ((23, 17, 11), (8, 6, 4), 0.5, (), 1),  # as many blocks as the patch allows: 2 x 2
+        ((23, 17, 11), (8, 6, 4), 0.5, (), 4 * K * 8 * 12 * 11),  # 2 x 1, uneven
+        ((9, 5, 14), (6, 8, 4), 0.5, (0, 2), 1),  # axis 1 padded (one block); mirror TTA
+        ((13, 19), (4, 6), 0.3, (), 1),  # 2D: 3 blocks
+    ],
+)
+def test_streaming_in_plane_blocks_equal_in_memory(tmp_path, shape, patch, step, mirror, budget):
+    vol = np.random.default_rng(5).normal(size=(*shape, 2)).astype(np.float32)
+    fn = make_fn(patch)
+    ref = sliding_window_predict(vol, fn, patch, K, step=step, batch_size=3, mirror_axes=mirror)
+    res = predict_volume(
+        ts.array(vol), fn, patch, K, tmp_path / "out", step=step, batch_size=3,
+        mirror_axes=mirror, outputs=("probabilities", "labels"), progress=False,
+        max_accumulator_bytes=budget,
+    )  # fmt: skip
+    plan = RegionPlan(shape, patch, step, max(budget // (4 * K * patch[0]), 1))
+    assert len(plan.blocks) > 1 and res.regions_total == len(plan.blocks) * len(plan.regions)
+    assert res.complete and res.voxels_written == np.prod(shape)
+    assert res.accumulator_bytes == 4 * K * patch[0] * np.prod(plan.block_shape)
+    probs = read(tmp_path / "out" / "probabilities")
+    np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(read(tmp_path / "out" / "labels"), ref.argmax(-1))
+
+
+def test_accumulator_bounded_by_block_not_plane(tmp_path):
+    """The accumulator (and the windows per block) stay under the budget on any plane."""
+    patch, budget = (4, 4, 4), 4 * K * 4 * 10 * 10
+    for plane in ((20, 20), (44, 37), (9, 90)):
+        vol = np.random.default_rng(6).normal(size=(6, *plane)).astype(np.float32)
+        res = predict_volume(
+            ts.array(vol), make_fn(patch), patch, K, tmp_path / f"o{plane[1]}",
+            max_accumulator_bytes=budget, progress=False,
+        )  # fmt: skip
+        assert res.complete and budget / 4 < res.accumulator_bytes <= budget
+    # the library default on big planes (patch 64, 3 classes): blocks of at most 256 MiB
+    max_block = 256 * 2**20 // (4 * K * 64)
+    for n in (1024, 2048, 4096):
+        plan = RegionPlan((64, n, n), (64, 64, 64), 0.5, max_block)
+        assert 64 * np.prod(plan.block_shape) * K * 4 <= 256 * 2**20
+        assert max(len(plan.corners(b)) for b in plan.blocks) <= 21**2  # whatever the plane
+    assert len(RegionPlan((64, 512, 512), (64, 64, 64), 0.5, max_block).blocks) == 1
+
+
 def test_normalisation_then_padding_as_in_memory(tmp_path):
     """A raw volume shorter than the patch, normalised per tile, equals the in-memory window
     over the normalised volume (padding is in normalised space)."""
@@ -101,6 +147,36 @@ def test_resume_after_interruption_gives_same_output(tmp_path):
     kw["identity"] = "m2"
     again = predict_volume(ts.array(vol), fn, patch, K, out, **kw)
     assert again.regions_skipped == 0 and again.complete
+
+
+def test_resume_with_in_plane_blocks_gives_same_output(tmp_path):
+    shape, patch = (30, 21, 17), (8, 6, 4)
+    vol = np.random.default_rng(7).normal(size=shape).astype(np.float32)
+    fn = make_fn(patch)
+    kw = dict(batch_size=2, outputs=("probabilities",), progress=False, max_accumulator_bytes=1)
+    full = predict_volume(ts.array(vol), fn, patch, K, tmp_path / "full", **kw)
+    n_rows = len(RegionPlan(shape, patch, 0.5).regions)
+    assert full.regions_total == 3 * 4 * n_rows  # 3 x 4 in-plane blocks
+    out = tmp_path / "resumed"
+    first = predict_volume(ts.array(vol), fn, patch, K, out, stop_after_regions=n_rows + 2, **kw)
+    assert not first.complete and first.regions_done == n_rows + 2  # inside the second block
+    second = predict_volume(ts.array(vol), fn, patch, K, out, stop_after_regions=n_rows, **kw)
+    assert second.regions_skipped == n_rows + 2 and second.regions_done == 2 * n_rows + 2
+    rest = predict_volume(ts.array(vol), fn, patch, K, out, **kw)
+    assert rest.complete and rest.regions_skipped == 2 * n_rows + 2
+    assert rest.voxels_written + second.voxels_written + first.voxels_written == vol.size
+    assert rest.tiles_computed < full.tiles_computed
+    assert (
+        first.tiles_computed + second.tiles_computed + rest.tiles_computed < 2 * full.tiles_computed
+    )
+    np.testing.assert_array_equal(
+        read(out / "probabilities"), read(tmp_path / "full" / "probabilities")
+    )
+    # another block layout starts over
+    predict_volume(ts.array(vol), fn, patch, K, out, stop_after_regions=1, **kw)
+    kw["max_accumulator_bytes"] = 2**30
+    again = predict_volume(ts.array(vol), fn, patch, K, out, **kw)
+    assert again.regions_skipped == 0 and again.complete and again.regions_total == n_rows
 
 
 def test_nifti_export_keeps_geometry(tmp_path):

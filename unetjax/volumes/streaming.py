@@ -4,18 +4,24 @@ Same windows, weights, padding and blending as the in-memory
 :func:`unetjax.inference.sliding_window.sliding_window_predict` (nnU-Net: ``sigma = patch / 8``,
 ``step = 0.5``, optional mirror TTA on logits), but the volume is never materialised:
 
-* Windows are grouped by their start along axis 0 (``z``). Group ``k`` covers rows
+* A *region* is a box: an axis-0 row slab times an in-plane block of the padded plane. The
+  plane is split into blocks (:func:`plane_blocks`) so that the host accumulator
+  (``patch_0 * block * K`` float32) stays under ``max_accumulator_bytes``; small planes are one
+  block. Blocks are done one after the other, each top to bottom.
+* Within a block, windows are grouped by their start along axis 0 (``z``); each group holds the
+  windows that touch the block (a window on a block border is computed for every block it
+  touches) and adds only its part inside the block. Group ``k`` covers rows
   ``[z_k, z_k + patch_0)``; once it is done no later window touches rows ``< z_{k+1}``, so
-  *region* ``k`` = rows ``[z_k, z_{k+1})`` is final: it is normalised and written out. The host
-  accumulator holds only ``patch_0`` rows (``patch_0 * H * W * K`` float32).
+  the box of rows ``[z_k, z_{k+1})`` is final: it is normalised and written out.
 * The summed Gaussian weight is separable (the map is a product of 1D Gaussians on a product
-  grid of windows), so it is computed per region from three 1D sums, not accumulated.
+  grid of windows), so it is computed per box from 1D sums, not accumulated.
 * Tiles are read with concurrent tensorstore futures, the next batch while the model runs
-  on the current one; batches never span groups (the last one of a group is zero-filled), so
-  every tile is computed in the same batch whether a run was resumed or not.
-* Restart: ``progress.json`` records finished regions; a rerun with the same settings skips
-  them and recomputes only the windows that overlap the unfinished rows. The store is built
-  under ``.<name>.partial`` and renamed to ``<name>`` when complete.
+  on the current one; batches never span groups or blocks (the last one of a group is
+  zero-filled), so every tile is computed in the same batch whether a run was resumed or not.
+* Restart: ``progress.json`` records finished boxes; a rerun with the same settings and block
+  layout skips them and recomputes only the windows that overlap the unfinished rows of the
+  current block. The store is built under ``.<name>.partial`` and renamed to ``<name>`` when
+  complete.
 
 Output store (zarr v3 directory): ``probabilities`` float32 ``[*spatial, K]`` and/or
 ``labels`` uint8 ``[*spatial]``, plus ``volume.json`` (shape, geometry, settings, timings).
@@ -45,7 +51,7 @@ from unetjax.inference.sliding_window import (
 )
 from unetjax.volumes.arrays import Geometry, create_array, read_box, with_channels
 
-__all__ = ["StreamResult", "predict_volume", "region_bounds", "RegionPlan"]
+__all__ = ["StreamResult", "predict_volume", "plane_blocks", "region_bounds", "RegionPlan"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,7 @@ class StreamResult:
     compute_wait_s: float  # host time blocked on the model (dispatch + device)
     accumulate_s: float  # host Gaussian accumulation
     write_s: float  # normalising + writing regions
+    accumulator_bytes: int  # size of the host accumulator (patch_0 x largest block x K float32)
 
     @property
     def voxels_per_s(self) -> float:
@@ -82,10 +89,36 @@ def region_bounds(z_starts: Sequence[int], size0: int) -> list[tuple[int, int]]:
     return list(zip(z_starts, ends, strict=True))
 
 
-class RegionPlan:
-    """Windows of a (centre-padded) volume grouped by their axis-0 start, and per-axis weights."""
+def plane_blocks(
+    plane: Sequence[int], patch: Sequence[int], max_voxels: int | None
+) -> list[list[tuple[int, int]]]:
+    """Per in-plane axis, the ``[lo, hi)`` bounds of near-equal blocks with at most
+    ``max_voxels`` voxels per block (``None``: one block). The axis with the longest block is
+    split next; no block edge gets shorter than the patch (so a window touches at most two
+    blocks per axis), which can leave blocks above ``max_voxels`` (edges stay ``< 2 * patch``)."""
+    n = [1] * len(plane)
 
-    def __init__(self, shape, patch_size, step: float):
+    def edges() -> list[int]:
+        return [-(-s // k) for s, k in zip(plane, n, strict=True)]
+
+    while max_voxels is not None and np.prod(edges()) > max_voxels:
+        can = [j for j, p in enumerate(patch) if plane[j] // (n[j] + 1) >= p]
+        if not can:
+            break
+        n[max(can, key=edges().__getitem__)] += 1
+    return [
+        [(i * s // k, (i + 1) * s // k) for i in range(k)] for s, k in zip(plane, n, strict=True)
+    ]
+
+
+class RegionPlan:
+    """Windows of a (centre-padded) volume, its regions (boxes: row slab x in-plane block, in
+    processing order) and per-axis summed Gaussian weights.
+
+    ``max_block_voxels``: in-plane voxels per block (see :func:`plane_blocks`; ``None``: the
+    whole plane is one block)."""
+
+    def __init__(self, shape, patch_size, step: float, max_block_voxels: int | None = None):
         self.shape = tuple(int(s) for s in shape)
         self.patch = tuple(int(p) for p in patch_size)
         if len(self.shape) != len(self.patch):
@@ -94,8 +127,11 @@ class RegionPlan:
         self.pad_before = tuple(n // 2 for n in need)
         self.padded = tuple(max(s, p) for s, p in zip(self.shape, self.patch, strict=True))
         self.starts = window_starts(self.padded, self.patch, step)
-        self.regions = region_bounds(self.starts[0], self.padded[0])
-        self.inner = list(itertools.product(*self.starts[1:]))  # in-plane window corners
+        self.regions = region_bounds(self.starts[0], self.padded[0])  # row slabs
+        self.block_bounds = plane_blocks(self.padded[1:], self.patch[1:], max_block_voxels)
+        self.blocks = list(itertools.product(*self.block_bounds))
+        self.boxes = [(rows, *block) for block in self.blocks for rows in self.regions]
+        self.block_shape = tuple(max(hi - lo for lo, hi in b) for b in self.block_bounds)
         self.gaussian = gaussian_importance_map(self.patch)
         self.axis_weights = []
         for starts, p, n in zip(self.starts, self.patch, self.padded, strict=True):
@@ -105,22 +141,42 @@ class RegionPlan:
                 w[s : s + p] += g1
             self.axis_weights.append(w)
 
-    def weight(self, z0: int, z1: int) -> np.ndarray:
-        """Summed Gaussian weight of padded rows ``[z0, z1)``, float32 ``[z1 - z0, *plane]``."""
-        w = self.axis_weights[0][z0:z1]
-        for axis_w in self.axis_weights[1:]:
-            w = np.multiply.outer(w, axis_w)
+    def corners(self, block) -> list[tuple[int, ...]]:
+        """In-plane corners of the windows that touch ``block`` (``[lo, hi)`` per axis)."""
+        touching = [
+            [s for s in starts if s < hi and s + p > lo]
+            for starts, p, (lo, hi) in zip(self.starts[1:], self.patch[1:], block, strict=True)
+        ]
+        return list(itertools.product(*touching))
+
+    def first_group(self, slabs_done: int) -> int:
+        """The first window group that touches an unfinished row slab (``slabs_done`` are)."""
+        if slabs_done >= len(self.regions):
+            return len(self.regions)
+        row = self.regions[slabs_done][0]
+        return next(k for k, z in enumerate(self.starts[0]) if z + self.patch[0] > row)
+
+    def weight(self, box) -> np.ndarray:
+        """Summed Gaussian weight of the padded box (``[lo, hi)`` per axis), float32."""
+        w = np.ones((), np.float64)
+        for axis_w, (lo, hi) in zip(self.axis_weights, box, strict=True):
+            w = np.multiply.outer(w, axis_w[lo:hi])
         return w.astype(np.float32)
+
+    def output_box(self, box) -> list[tuple[int, int]]:
+        """A padded box (``[lo, hi)`` per leading axes) in the unpadded volume (clipped)."""
+        return [
+            (min(max(lo - b, 0), n), min(max(hi - b, 0), n))
+            for (lo, hi), b, n in zip(box, self.pad_before, self.shape, strict=False)
+        ]
 
     def output_rows(self, z0: int, z1: int) -> tuple[int, int]:
         """Padded rows ``[z0, z1)`` as rows of the unpadded volume (clipped)."""
-        b, n = self.pad_before[0], self.shape[0]
-        return min(max(z0 - b, 0), n), min(max(z1 - b, 0), n)
+        return self.output_box([(z0, z1)])[0]
 
-    def plane_crop(self) -> tuple[slice, ...]:
-        return tuple(
-            slice(b, b + s) for b, s in zip(self.pad_before[1:], self.shape[1:], strict=True)
-        )
+    def output_voxels(self, box) -> int:
+        """Voxels of the unpadded volume in a padded box."""
+        return int(np.prod([hi - lo for lo, hi in self.output_box(box)]))
 
 
 def _signature(settings: dict) -> str:
@@ -192,6 +248,7 @@ def predict_volume(
     identity: str = "",
     chunks: Sequence[int] | None = None,
     stop_after_regions: int | None = None,
+    max_accumulator_bytes: int = 256 * 2**20,
     progress: bool = True,
 ) -> StreamResult:
     """Gaussian sliding-window prediction of a chunked volume into a zarr v3 store.
@@ -212,8 +269,12 @@ def predict_volume(
       identity: identifies the model/parameters (e.g. checkpoint path and step): a rerun
         resumes only when it and every setting match, else starts over.
       chunks: output chunk shape (spatial); default ``min(dim, 64)`` per axis.
-      stop_after_regions: stop after finishing this many regions in this call (an
+      stop_after_regions: stop after finishing this many regions (boxes) in this call (an
         interruption, for tests); the partial store is resumed by the next call.
+      max_accumulator_bytes: bound of the host accumulator (``patch_0 x block x K`` float32):
+        the padded plane is split into in-plane blocks to fit (:func:`plane_blocks`; a block
+        edge is never shorter than the patch, windows on block borders are computed once per
+        block they touch). The default keeps planes up to 591^2 (patch 64, 3 classes) whole.
       progress: show a progress bar (voxels/s).
 
     Returns:
@@ -232,7 +293,9 @@ def predict_volume(
     mirror_axes = tuple(int(a) for a in mirror_axes)
     predict_fn = with_mirror_tta(predict_fn, mirror_axes, ndim)
 
-    plan = RegionPlan(shape, patch, step)
+    plan = RegionPlan(
+        shape, patch, step, max(max_accumulator_bytes // (4 * num_classes * patch[0]), 1)
+    )
     out_dir = pathlib.Path(out_dir).absolute()
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     settings = {
@@ -247,6 +310,7 @@ def predict_volume(
         "num_classes": num_classes,
         "outputs": outputs,
         "identity": identity,
+        "plane_blocks": plan.block_bounds,
     }
     signature = _signature(settings)
     done = _read_progress(partial, signature)
@@ -277,17 +341,11 @@ def predict_volume(
     }
 
     timers = dict(read=0.0, compute=0.0, accumulate=0.0, write=0.0)
-    n_regions = len(plan.regions)
-    # Groups that still have to run: those overlapping rows >= the first unfinished region.
-    first_row = plan.regions[done][0] if done < n_regions else plan.padded[0]
-    first_group = next(
-        (k for k, z in enumerate(plan.starts[0]) if z + patch[0] > first_row), n_regions
+    n_rows, n_regions = len(plan.regions), len(plan.boxes)
+    bar = _Progress(
+        progress, int(np.prod(shape)), sum(plan.output_voxels(box) for box in plan.boxes[:done])
     )
-    total_vox = int(np.prod(shape))
-    done_rows = plan.output_rows(0, plan.regions[done - 1][1])[1] if done else 0
-    done_vox = done_rows * int(np.prod(shape[1:]))
-    bar = _Progress(progress, total_vox, done_vox)
-    acc = np.zeros((patch[0], *plan.padded[1:], num_classes), np.float32)
+    acc = np.zeros((patch[0], *plan.block_shape, num_classes), np.float32)
     gaussian_dev = jnp.asarray(plan.gaussian)
     tiles_computed = voxels_written = 0
     finished_now = 0
@@ -308,20 +366,30 @@ def predict_volume(
         timers["read"] += time.perf_counter() - t
         return tiles
 
-    batches = [
-        (k, plan.inner[b : b + batch_size])
-        for k in range(first_group, n_regions)
-        for b in range(0, len(plan.inner), batch_size)
-    ]
+    # (block, group, corners): per block, the groups from the first one touching an unfinished
+    # row slab, each group's windows in batches of batch_size
+    batches = []
+    for b, block in enumerate(plan.blocks):
+        corners = plan.corners(block)
+        first = plan.first_group(min(max(done - b * n_rows, 0), n_rows))
+        batches += [
+            (b, k, corners[i : i + batch_size])
+            for k in range(first, n_rows)
+            for i in range(0, len(corners), batch_size)
+        ]
     try:
         next_readers = (
-            start_reads(plan.starts[0][batches[0][0]], batches[0][1]) if batches else None
+            start_reads(plan.starts[0][batches[0][1]], batches[0][2]) if batches else None
         )
-        for bi, (k, corners) in enumerate(batches):
+        for bi, (b, k, corners) in enumerate(batches):
             tiles = gather(next_readers)
             if bi + 1 < len(batches):
-                nk, ncorners = batches[bi + 1]
+                _, nk, ncorners = batches[bi + 1]
                 next_readers = start_reads(plan.starts[0][nk], ncorners)
+            block = plan.blocks[b]
+            if bi == 0 or batches[bi - 1][0] != b:  # a new block: its own (zeroed) accumulator
+                block_acc = acc[(slice(None), *(slice(0, hi - lo) for lo, hi in block))]
+                block_acc[...] = 0
             t = time.perf_counter()
             logits = predict_fn(tiles)
             if tuple(logits.shape) != expected:
@@ -332,27 +400,31 @@ def predict_volume(
             timers["compute"] += time.perf_counter() - t
             t = time.perf_counter()
             for tile, c in zip(out, corners, strict=False):
-                acc[
-                    (slice(None), *(slice(s, s + p) for s, p in zip(c, patch[1:], strict=True)))
-                ] += tile
+                src, dst = [slice(None)], [slice(None)]  # the tile's part inside the block
+                for s, p, (lo, hi) in zip(c, patch[1:], block, strict=True):
+                    src.append(slice(max(lo - s, 0), min(hi - s, p)))
+                    dst.append(slice(max(s - lo, 0), min(s + p, hi) - lo))
+                block_acc[tuple(dst)] += tile[tuple(src)]
             timers["accumulate"] += time.perf_counter() - t
             tiles_computed += len(corners)
-            last_of_group = bi + 1 == len(batches) or batches[bi + 1][0] != k
-            if not last_of_group:
-                continue
+            if bi + 1 < len(batches) and batches[bi + 1][:2] == (b, k):
+                continue  # not the last batch of the group
+            region = b * n_rows + k
             z0, z1 = plan.regions[k]
-            if k >= done:
+            if region >= done:
                 t = time.perf_counter()
-                written = _write_region(arrays, plan, acc[: z1 - z0], z0, z1)
-                _write_json(partial / PROGRESS, {"signature": signature, "regions_done": k + 1})
+                written = _write_region(arrays, plan, block_acc[: z1 - z0], plan.boxes[region])
+                _write_json(
+                    partial / PROGRESS, {"signature": signature, "regions_done": region + 1}
+                )
                 timers["write"] += time.perf_counter() - t
                 voxels_written += written
                 finished_now += 1
-                bar.update(written, k, n_regions)
+                bar.update(written, region, n_regions)
             d = z1 - z0
             for row in range(patch[0] - d):  # row by row: no temporary copy of the accumulator
-                acc[row] = acc[row + d]
-            acc[patch[0] - d :] = 0
+                block_acc[row] = block_acc[row + d]
+            block_acc[patch[0] - d :] = 0
             if stop_after_regions is not None and finished_now >= stop_after_regions:
                 break
     finally:
@@ -385,27 +457,28 @@ def predict_volume(
         compute_wait_s=timers["compute"],
         accumulate_s=timers["accumulate"],
         write_s=timers["write"],
+        accumulator_bytes=acc.nbytes,
     )
 
 
 def _write_region(
-    arrays: dict, plan: RegionPlan, acc_rows: np.ndarray, z0: int, z1: int, rows_per_write: int = 8
+    arrays: dict, plan: RegionPlan, acc_rows: np.ndarray, box, rows_per_write: int = 8
 ) -> int:
-    """Normalise padded rows ``[z0, z1)`` of the accumulator, crop and write them, a few rows
-    at a time (bounded temporaries)."""
-    r0, r1 = plan.output_rows(z0, z1)
-    b = plan.pad_before[0]
-    crop = plan.plane_crop()
+    """Normalise the padded ``box`` (whose corner is ``acc_rows[0, 0, ...]``), crop it to the
+    volume and write it, a few rows at a time (bounded temporaries)."""
+    out = plan.output_box(box)
+    (r0, r1), plane = out[0], out[1:]
     for a0 in range(r0, r1, rows_per_write):
-        a1 = min(a0 + rows_per_write, r1)
-        rows = slice(a0 + b - z0, a1 + b - z0)
-        weight = plan.weight(a0 + b, a1 + b)[(slice(None), *crop)]
-        probs = acc_rows[(rows, *crop)] / weight[..., None]
+        part = [(a0, min(a0 + rows_per_write, r1)), *plane]
+        padded = [(lo + b, hi + b) for (lo, hi), b in zip(part, plan.pad_before, strict=True)]
+        local = tuple(slice(lo - o, hi - o) for (lo, hi), (o, _) in zip(padded, box, strict=True))
+        probs = acc_rows[local] / plan.weight(padded)[..., None]
+        target = tuple(slice(lo, hi) for lo, hi in part)
         futures = []
         if "probabilities" in arrays:
-            futures.append(arrays["probabilities"][a0:a1].write(probs))
+            futures.append(arrays["probabilities"][target].write(probs))
         if "labels" in arrays:
-            futures.append(arrays["labels"][a0:a1].write(probs.argmax(-1).astype(np.uint8)))
+            futures.append(arrays["labels"][target].write(probs.argmax(-1).astype(np.uint8)))
         for f in futures:
             f.result()
-    return max(r1 - r0, 0) * int(np.prod(plan.shape[1:]))
+    return plan.output_voxels(box)
