@@ -53,7 +53,10 @@ def main(argv):
     logging.getLogger("unetjax").setLevel(logging.INFO)
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
-    summary = train_and_evaluate(config, workdir)
+    try:
+        summary = train_and_evaluate(config, workdir)
+    except KeyboardInterrupt as e:
+        sys.exit(f"train.py: interrupted ({e}); rerun the same command to resume from {workdir}")
     print("training done:", {k: v for k, v in summary.items() if k != "state"})
     if flags.FLAGS.eval and jax.process_count() > 1:
         print("multi-process run: evaluate with a single process: python eval.py --workdir ...")

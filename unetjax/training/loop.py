@@ -9,6 +9,7 @@ import json
 import logging
 import pathlib
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -147,12 +148,11 @@ def train_and_evaluate(
         writer=MetricWriter(workdir, enabled=primary),
         batch_sharding=batch_sharding(mesh, len(exp.patch_size)),
     )
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     summary = {"start_step": start_step, "num_steps": tc.num_steps}
     try:
-        summary.update(_loop(run, state, start_step, stop_at))
+        with GracefulStop() as stop:
+            summary.update(_loop(run, state, start_step, stop_at, stop))
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
         checkpointer.wait()
         checkpointer.close()
         loader.close()
@@ -172,11 +172,34 @@ class Run(NamedTuple):
     batch_sharding: Any
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+class GracefulStop:
+    """SIGINT/SIGTERM handlers for the loop: the first signal asks it to stop after the
+    current step (which is then checkpointed, so nothing computed is lost); a second one
+    interrupts at once (orbax only ever renames complete checkpoints into place)."""
+
+    def __init__(self):
+        self.requested = 0
+
+    def _handle(self, signum, frame):
+        self.requested += 1
+        if self.requested > 1:
+            raise KeyboardInterrupt(f"signal {signum}")
+        print(f"signal {signum}: stopping after this step (send it again to abort)", flush=True)
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # else: signals not ours
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
-def _loop(run: Run, state, start_step: int, stop_at: int | None) -> dict:
+def _loop(run: Run, state, start_step: int, stop_at: int | None, stop: GracefulStop) -> dict:
     exp, loader, checkpointer, writer = run.exp, run.loader, run.checkpointer, run.writer
     tc = exp.config.train
     end = tc.num_steps if stop_at is None else min(stop_at, tc.num_steps)
@@ -215,8 +238,11 @@ def _loop(run: Run, state, start_step: int, stop_at: int | None) -> dict:
             progress.write(f"step {done}: validation Dice {dice:.4f}")
             checkpointer.save_best(done, state, dice if np.isfinite(dice) else -1.0)
             best = max(best, dice)
-        if done % tc.checkpoint_every == 0 or done == end:
-            checkpointer.save(done, state, loader.get_state(), force=done == end)
+        if done % tc.checkpoint_every == 0 or done == end or stop.requested:
+            checkpointer.save(done, state, loader.get_state(), force=done == end or stop.requested)
+        if stop.requested and done < end:
+            progress.close()
+            raise KeyboardInterrupt(f"stopped by a signal after step {done} (checkpointed)")
     if pending is not None:
         _log_metrics(pending, writer, progress, checkpointer)
     progress.close()
