@@ -30,6 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "volume_1024.json"
 PHASES = ("generate", "ingest", "train", "predict")
+MAX_ACCUMULATOR_BYTES = 256 * 2**20  # predict_volume's default, spelled out for scoring
 
 
 def peak_rss_mib() -> float:
@@ -165,7 +166,7 @@ def phase_predict(args, scratch):
     from unetjax.sharding import make_mesh, replicated
     from unetjax.training.step import make_predict_fn
     from unetjax.volumes.arrays import Geometry, open_array
-    from unetjax.volumes.streaming import predict_volume
+    from unetjax.volumes.streaming import predict_volume, region_plan
 
     exp = _experiment(args, scratch)
     ds = exp.dataset
@@ -181,16 +182,18 @@ def phase_predict(args, scratch):
         normalize=lambda tile: exp.normalize(tile, "volume"), outputs=("labels",),
         geometry=Geometry(info.spacing, info.affine), identity="volume_1024",
         stop_after_regions=args.predict_regions or None, progress=False,
+        max_accumulator_bytes=MAX_ACCUMULATOR_BYTES,
     )  # fmt: skip
-    # Dice per class over the rows written so far (slab by slab: bounded memory)
+    # Dice per class over the regions (boxes) written so far, one box at a time: bounded memory
     root = scratch / "prediction" if res.complete else scratch / ".prediction.partial"
     pred, true = open_array(root / "labels"), ds.label_array("volume")
-    rows = _rows_done(exp, res, info) if res.regions_done else 0
+    plan = region_plan(info.shape, exp.patch_size, 0.5, exp.num_classes, MAX_ACCUMULATOR_BYTES)
     inter = np.zeros(exp.num_classes)
     total = np.zeros(exp.num_classes)
-    for z0 in range(0, rows, 64):
-        p = np.asarray(pred[z0 : min(z0 + 64, rows)].read().result())
-        g = np.asarray(true[z0 : min(z0 + 64, rows)].read().result())
+    for box in plan.boxes[: res.regions_done]:
+        index = tuple(slice(lo, hi) for lo, hi in plan.output_box(box))
+        p = np.asarray(pred[index].read().result())
+        g = np.asarray(true[index].read().result())
         for k in range(1, exp.num_classes):
             inter[k] += np.count_nonzero((p == k) & (g == k))
             total[k] += np.count_nonzero(p == k) + np.count_nonzero(g == k)
@@ -206,15 +209,8 @@ def phase_predict(args, scratch):
         "read_wait_s": res.read_wait_s, "compute_wait_s": res.compute_wait_s,
         "accumulate_s": res.accumulate_s, "write_s": res.write_s,
         "full_volume_seconds_extrapolated": extrapolated if not res.complete else res.seconds,
-        "rows_scored": rows, "dice_on_rows_written": dice,
+        "regions_scored": res.regions_done, "dice_on_regions_written": dice,
     }  # fmt: skip
-
-
-def _rows_done(exp, res, info):
-    from unetjax.volumes.streaming import RegionPlan
-
-    plan = RegionPlan(info.shape, exp.patch_size, 0.5)
-    return plan.output_rows(0, plan.regions[res.regions_done - 1][1])[1]
 
 
 def run_phase(args):

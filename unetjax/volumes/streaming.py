@@ -179,6 +179,13 @@ class RegionPlan:
         return int(np.prod([hi - lo for lo, hi in self.output_box(box)]))
 
 
+def region_plan(shape, patch_size, step: float, num_classes: int, max_accumulator_bytes: int):
+    """The :class:`RegionPlan` whose float32 accumulator (``patch_0 x block x classes``) fits
+    ``max_accumulator_bytes`` (as :func:`predict_volume` plans)."""
+    per_voxel = 4 * num_classes * int(patch_size[0])
+    return RegionPlan(shape, patch_size, step, max(max_accumulator_bytes // per_voxel, 1))
+
+
 def _signature(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -293,9 +300,7 @@ def predict_volume(
     mirror_axes = tuple(int(a) for a in mirror_axes)
     predict_fn = with_mirror_tta(predict_fn, mirror_axes, ndim)
 
-    plan = RegionPlan(
-        shape, patch, step, max(max_accumulator_bytes // (4 * num_classes * patch[0]), 1)
-    )
+    plan = region_plan(shape, patch, step, num_classes, max_accumulator_bytes)
     out_dir = pathlib.Path(out_dir).absolute()
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     settings = {
