@@ -46,6 +46,14 @@ def main(argv=None):
         default=["genseg", "genseg_unroll", "genseg_darts", "released", "separate", "pretrain"],
     )
     ap.add_argument("--fast-compile", action="store_true", help="TEST_COMPILER_OPTIONS")
+    ap.add_argument(
+        "--plain-batches",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the plain step at these batch sizes (e.g. 2 x batch: the real + "
+        "synthetic images one genseg segmenter step sees)",
+    )
     args = ap.parse_args(argv)
     nd, n, b, k = args.nd, args.size, args.batch, 2
     feats = tuple(args.seg_features)
@@ -57,7 +65,7 @@ def main(argv=None):
     opts = GenSegOptimizers(segmenter=optax.sgd(0.01, momentum=0.9))
     rng = np.random.default_rng(0)
 
-    def pair():
+    def pair(b=b):
         lab = (rng.random((b, *(n,) * nd)) < 0.3).astype(np.int32)
         img = rng.normal(size=(*lab.shape, 1)) + lab[..., None]
         return {"image": jnp.asarray(img, jnp.float32), "label": jnp.asarray(lab)}
@@ -79,6 +87,15 @@ def main(argv=None):
         return loss
 
     runners["plain"] = run_plain
+    for pb in args.plain_batches:  # same step and parameters, another batch size
+        other = {"train": pair(pb)}
+        holder = [jax.tree.map(jnp.copy, p_state[0]), opts.segmenter.init(state0.seg_params)]
+
+        def run_plain_b(other=other, holder=holder):
+            holder[0], holder[1], loss = plain(holder[0], holder[1], other)
+            return loss
+
+        runners[f"plain_b{pb}"] = run_plain_b
     for mode in args.modes:
         if mode == "genseg_darts":
             cfg = GenSegConfig(mode="genseg", hypergradient="darts")
