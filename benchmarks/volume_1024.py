@@ -30,7 +30,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "volume_1024.json"
 PHASES = ("generate", "ingest", "train", "predict")
-MAX_ACCUMULATOR_BYTES = 256 * 2**20  # predict_volume's default, spelled out for scoring
 
 
 def peak_rss_mib() -> float:
@@ -166,7 +165,11 @@ def phase_predict(args, scratch):
     from unetjax.sharding import make_mesh, replicated
     from unetjax.training.step import make_predict_fn
     from unetjax.volumes.arrays import Geometry, open_array
-    from unetjax.volumes.streaming import predict_volume, region_plan
+    from unetjax.volumes.streaming import (
+        DEFAULT_MAX_ACCUMULATOR_BYTES,
+        predict_volume,
+        region_plan,
+    )
 
     exp = _experiment(args, scratch)
     ds = exp.dataset
@@ -182,12 +185,13 @@ def phase_predict(args, scratch):
         normalize=lambda tile: exp.normalize(tile, "volume"), outputs=("labels",),
         geometry=Geometry(info.spacing, info.affine), identity="volume_1024",
         stop_after_regions=args.predict_regions or None, progress=False,
-        max_accumulator_bytes=MAX_ACCUMULATOR_BYTES,
     )  # fmt: skip
     # Dice per class over the regions (boxes) written so far, one box at a time: bounded memory
     root = scratch / "prediction" if res.complete else scratch / ".prediction.partial"
     pred, true = open_array(root / "labels"), ds.label_array("volume")
-    plan = region_plan(info.shape, exp.patch_size, 0.5, exp.num_classes, MAX_ACCUMULATOR_BYTES)
+    plan = region_plan(
+        info.shape, exp.patch_size, 0.5, exp.num_classes, DEFAULT_MAX_ACCUMULATOR_BYTES
+    )
     inter = np.zeros(exp.num_classes)
     total = np.zeros(exp.num_classes)
     for box in plan.boxes[: res.regions_done]:

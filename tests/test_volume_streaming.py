@@ -13,7 +13,13 @@ import tensorstore as ts
 from unetjax.inference.sliding_window import sliding_window_predict
 from unetjax.volumes.arrays import Geometry, open_array
 from unetjax.volumes.export import export_nifti, open_prediction
-from unetjax.volumes.streaming import PROGRESS, RegionPlan, predict_volume
+from unetjax.volumes.streaming import (
+    DEFAULT_MAX_ACCUMULATOR_BYTES,
+    PROGRESS,
+    RegionPlan,
+    predict_volume,
+    region_plan,
+)
 
 K = 3
 
@@ -37,6 +43,20 @@ def read(path):
     return np.asarray(open_array(path).read().result())
 
 
+def stream_and_compare(out, vol, patch, step, mirror, **kwargs):
+    """Stream ``vol`` into ``out`` and check it against the in-memory sliding window."""
+    fn = make_fn(patch)
+    ref = sliding_window_predict(vol, fn, patch, K, step=step, batch_size=3, mirror_axes=mirror)
+    res = predict_volume(
+        ts.array(vol), fn, patch, K, out, step=step, batch_size=3, mirror_axes=mirror,
+        outputs=("probabilities", "labels"), progress=False, **kwargs,
+    )  # fmt: skip
+    assert res.complete and res.voxels_written == np.prod(vol.shape[:-1])
+    np.testing.assert_allclose(read(out / "probabilities"), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(read(out / "labels"), ref.argmax(-1))
+    return res
+
+
 @pytest.mark.parametrize(
     "shape,patch,step,mirror",
     [
@@ -47,16 +67,7 @@ def read(path):
 )
 def test_streaming_equals_in_memory(tmp_path, shape, patch, step, mirror):
     vol = np.random.default_rng(0).normal(size=(*shape, 2)).astype(np.float32)
-    fn = make_fn(patch)
-    ref = sliding_window_predict(vol, fn, patch, K, step=step, batch_size=3, mirror_axes=mirror)
-    res = predict_volume(
-        ts.array(vol), fn, patch, K, tmp_path / "out", step=step, batch_size=3,
-        mirror_axes=mirror, outputs=("probabilities", "labels"), progress=False,
-    )  # fmt: skip
-    assert res.complete and res.voxels_written == np.prod(shape)
-    probs = read(tmp_path / "out" / "probabilities")
-    np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(read(tmp_path / "out" / "labels"), ref.argmax(-1))
+    stream_and_compare(tmp_path / "out", vol, patch, step, mirror)
 
 
 @pytest.mark.parametrize(
@@ -70,20 +81,12 @@ def test_streaming_equals_in_memory(tmp_path, shape, patch, step, mirror):
 )
 def test_streaming_in_plane_blocks_equal_in_memory(tmp_path, shape, patch, step, mirror, budget):
     vol = np.random.default_rng(5).normal(size=(*shape, 2)).astype(np.float32)
-    fn = make_fn(patch)
-    ref = sliding_window_predict(vol, fn, patch, K, step=step, batch_size=3, mirror_axes=mirror)
-    res = predict_volume(
-        ts.array(vol), fn, patch, K, tmp_path / "out", step=step, batch_size=3,
-        mirror_axes=mirror, outputs=("probabilities", "labels"), progress=False,
-        max_accumulator_bytes=budget,
-    )  # fmt: skip
-    plan = RegionPlan(shape, patch, step, max(budget // (4 * K * patch[0]), 1))
+    res = stream_and_compare(
+        tmp_path / "out", vol, patch, step, mirror, max_accumulator_bytes=budget
+    )
+    plan = region_plan(shape, patch, step, K, budget)
     assert len(plan.blocks) > 1 and res.regions_total == len(plan.blocks) * len(plan.regions)
-    assert res.complete and res.voxels_written == np.prod(shape)
     assert res.accumulator_bytes == 4 * K * patch[0] * np.prod(plan.block_shape)
-    probs = read(tmp_path / "out" / "probabilities")
-    np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(read(tmp_path / "out" / "labels"), ref.argmax(-1))
 
 
 def test_accumulator_bounded_by_block_not_plane(tmp_path):
@@ -97,12 +100,12 @@ def test_accumulator_bounded_by_block_not_plane(tmp_path):
         )  # fmt: skip
         assert res.complete and budget / 4 < res.accumulator_bytes <= budget
     # the library default on big planes (patch 64, 3 classes): blocks of at most 256 MiB
-    max_block = 256 * 2**20 // (4 * K * 64)
     for n in (1024, 2048, 4096):
-        plan = RegionPlan((64, n, n), (64, 64, 64), 0.5, max_block)
+        plan = region_plan((64, n, n), (64, 64, 64), 0.5, K, DEFAULT_MAX_ACCUMULATOR_BYTES)
         assert 64 * np.prod(plan.block_shape) * K * 4 <= 256 * 2**20
         assert max(len(plan.corners(b)) for b in plan.blocks) <= 21**2  # whatever the plane
-    assert len(RegionPlan((64, 512, 512), (64, 64, 64), 0.5, max_block).blocks) == 1
+    plan = region_plan((64, 512, 512), (64, 64, 64), 0.5, K, DEFAULT_MAX_ACCUMULATOR_BYTES)
+    assert len(plan.blocks) == 1
 
 
 def test_normalisation_then_padding_as_in_memory(tmp_path):

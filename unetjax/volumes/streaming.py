@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
 VOLUME_JSON = "volume.json"
 FORMAT = "unetjax-prediction-v1"
+DEFAULT_MAX_ACCUMULATOR_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass
@@ -170,10 +171,6 @@ class RegionPlan:
             for (lo, hi), b, n in zip(box, self.pad_before, self.shape, strict=False)
         ]
 
-    def output_rows(self, z0: int, z1: int) -> tuple[int, int]:
-        """Padded rows ``[z0, z1)`` as rows of the unpadded volume (clipped)."""
-        return self.output_box([(z0, z1)])[0]
-
     def output_voxels(self, box) -> int:
         """Voxels of the unpadded volume in a padded box."""
         return int(np.prod([hi - lo for lo, hi in self.output_box(box)]))
@@ -255,7 +252,7 @@ def predict_volume(
     identity: str = "",
     chunks: Sequence[int] | None = None,
     stop_after_regions: int | None = None,
-    max_accumulator_bytes: int = 256 * 2**20,
+    max_accumulator_bytes: int = DEFAULT_MAX_ACCUMULATOR_BYTES,
     progress: bool = True,
 ) -> StreamResult:
     """Gaussian sliding-window prediction of a chunked volume into a zarr v3 store.
