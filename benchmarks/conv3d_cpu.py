@@ -1,19 +1,31 @@
-"""3D convolution forward+backward: XLA's native conv vs the depth-folded 2D form.
+"""3D convolution on XLA CPU: native conv vs the depth-folded 2D forms.
 
     python benchmarks/conv3d_cpu.py
 
-Prints per layer shape the median time of ``grad(sum(conv(x, w)**2))`` w.r.t. x and w for
-both implementations in one run, and their ratio. Shapes are those of the hippocampus
-config's U-Net (batch 4, patch 32x48x32, features 8..64).
+Shapes are those of the hippocampus config's U-Net (batch 4, patch 32x48x32, features
+8..64). Prints per layer shape, medians in one run:
+
+1. forward + backward (``grad(sum(conv(x, w)**2))`` w.r.t. x and w): XLA's native conv vs
+   ``conv3d_depth_folded`` (what the U-Net uses on CPU), and their ratio;
+2. forward only, at depth stride 1: native, the input-folded form (depth taps
+   concatenated on the input channels) and the output-folded form (one 2D conv to
+   ``kd * C_out`` channels, shifted sum), the forward ``conv3d_depth_folded`` runs there.
 """
 
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unetjax.models.layers import conv3d_depth_folded, conv_native
+from unetjax.models.layers import (
+    _conv3d_input_folded,
+    _conv3d_output_folded,
+    conv3d_depth_folded,
+    conv_native,
+    symmetric_padding,
+)
 
 SHAPES = [  # (spatial, c_in, c_out, stride)
     ((32, 48, 32), 1, 8, (1, 1, 1)),
@@ -26,15 +38,20 @@ SHAPES = [  # (spatial, c_in, c_out, stride)
 ]
 
 
-def median_seconds(fn, x, w, strides, repeats: int = 5) -> float:
-    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w, strides) ** 2), argnums=(0, 1)))
-    jax.block_until_ready(grad(x, w))  # compile + warm-up excluded
+def median_call_seconds(fn, *args, repeats: int = 5) -> float:
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))  # compile + warm-up excluded
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(grad(x, w))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def median_seconds(fn, x, w, strides, repeats: int = 5) -> float:
+    grad = jax.grad(lambda x, w: jnp.sum(fn(x, w, strides) ** 2), argnums=(0, 1))
+    return median_call_seconds(grad, x, w, repeats=repeats)
 
 
 def main() -> None:
@@ -52,6 +69,28 @@ def main() -> None:
         print(
             f"{str((4, *spatial)):>22} {cin:>4} {cout:>4} {str(strides):>10} "
             f"{native * 1e3:10.1f} {folded * 1e3:10.1f} {native / folded:8.1f}x"
+        )
+    print("\nforward only, depth stride 1 (ms)")
+    print(
+        f"{'input':>22} {'cin':>4} {'cout':>4} {'native':>8} {'in-fold':>8} {'out-fold':>8} "
+        f"{'out vs in':>9}"
+    )
+    for spatial, cin, cout, strides in SHAPES:
+        if strides[0] != 1:
+            continue
+        x = jnp.asarray(rng.normal(size=(4, *spatial, cin)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(3, 3, 3, cin, cout)) * 0.1, jnp.float32)
+        pad = tuple(symmetric_padding(w.shape[:3]))
+        native = median_call_seconds(functools.partial(conv_native, strides=strides), x, w)
+        infold = median_call_seconds(
+            functools.partial(_conv3d_input_folded, strides=strides, padding=pad), x, w
+        )
+        outfold = median_call_seconds(
+            functools.partial(_conv3d_output_folded, strides=strides, padding=pad), x, w
+        )
+        print(
+            f"{str((4, *spatial)):>22} {cin:>4} {cout:>4} {native * 1e3:8.2f} "
+            f"{infold * 1e3:8.2f} {outfold * 1e3:8.2f} {infold / outfold:8.2f}x"
         )
 
 

@@ -95,26 +95,30 @@ def test_max_pool_equals_reduce_window():
 
 
 @pytest.mark.parametrize(
-    "kernel,strides",
-    [
-        ((3, 3, 3), (1, 1, 1)),
-        ((3, 3, 3), (2, 2, 2)),
-        ((1, 3, 3), (1, 2, 2)),
-        ((3, 1, 3), (2, 1, 1)),
-        ((1, 1, 1), (1, 1, 1)),
+    "kernel,strides,padding",
+    [  # depth stride 1 (and kd > 1) takes the output-folded forward, the rest input-folded
+        ((3, 3, 3), (1, 1, 1), None),
+        ((3, 3, 3), (1, 2, 2), None),
+        ((5, 3, 3), (1, 1, 1), ((0, 3), (1, 1), (2, 0))),
+        ((3, 3, 3), (1, 1, 1), ((4, 0), (0, 0), (1, 1))),
+        ((3, 3, 3), (2, 2, 2), None),
+        ((1, 3, 3), (1, 2, 2), None),
+        ((3, 1, 3), (2, 1, 1), ((0, 1), (0, 0), (1, 1))),
+        ((1, 1, 1), (1, 1, 1), None),
     ],
 )
-def test_depth_folded_conv3d_equals_native(kernel, strides):
+def test_depth_folded_conv3d_equals_native(kernel, strides, padding):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 6, 8, 4, 3)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(*kernel, 3, 5)), jnp.float32)
 
     def loss(fn, x, w):
-        return jnp.sum(jnp.sin(fn(x, w, strides)))
+        return jnp.sum(jnp.sin(fn(x, w, strides, padding)))
 
     for argnum in (None, 0, 1):
         if argnum is None:
-            a, b = conv_native(x, w, strides), conv3d_depth_folded(x, w, strides)
+            a = conv_native(x, w, strides, padding)
+            b = conv3d_depth_folded(x, w, strides, padding)
         else:
             a = jax.grad(loss, argnums=argnum + 1)(conv_native, x, w)
             b = jax.grad(loss, argnums=argnum + 1)(conv3d_depth_folded, x, w)

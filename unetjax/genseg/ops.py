@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unetjax.models.layers import depth_to_space
+from unetjax.models.layers import conv3d_depth_folded, depth_to_space
 
 CANDIDATES: tuple[tuple[int, int], ...] = ((4, 1), (6, 2), (8, 3))  # (kernel, padding)
 DEFAULT_OP: tuple[tuple[int, int], ...] = ((4, 1),)  # pix2pix's fixed op
@@ -122,19 +122,7 @@ def conv_nd(
         )
     if impl != "folded":
         raise ValueError(f"conv impl must be auto, native, folded or im2col; got {impl!r}")
-    kd, kh, kw, cin, cout = kernel.shape
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    sd = strides[0]
-    d_out = (xp.shape[1] - kd) // sd + 1
-    slabs = [xp[:, dz : dz + sd * (d_out - 1) + 1 : sd] for dz in range(kd)]
-    folded = jnp.concatenate(slabs, axis=-1) if kd > 1 else slabs[0]
-    batch = x.shape[0]
-    folded = folded.reshape(batch * d_out, *xp.shape[2:4], kd * cin)
-    kernel2d = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * cin, cout)
-    y = jax.lax.conv_general_dilated(
-        folded, kernel2d, strides[1:], "VALID", dimension_numbers=_dimension_numbers(2)
-    )
-    return y.reshape(batch, d_out, *y.shape[1:])
+    return conv3d_depth_folded(x, kernel, strides, padding)
 
 
 # ----------------------------------------------------------------------------- reference
