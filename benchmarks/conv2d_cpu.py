@@ -159,6 +159,33 @@ def run_row(spatial, cin, cout, stride, repeats, use_torch, rng):
     return {n: float(np.median(v)) * 1e3 for n, v in times.items()}
 
 
+def conv_gflop(spatial: int, cin: int, cout: int, stride: int) -> float:
+    """GFLOP of one direction of a 3x3 conv layer at batch ``BATCH`` (2 per multiply-add)."""
+    out = spatial // stride
+    return 2 * BATCH * out * out * 9 * cin * cout / 1e9
+
+
+def matmul_peak_gflops(use_torch: bool, n: int = 2048, repeats: int = 5) -> dict:
+    """Achieved float32 GFLOP/s of an ``n^3`` matmul: the practical peak of these CPUs."""
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 2 * n**3 / float(np.median(times)) / 1e9
+
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    peak = {"jax": best(lambda: matmul(a).block_until_ready())}
+    if use_torch:
+        ta = torch.ones(n, n)
+        peak["torch"] = best(lambda: ta @ ta)
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1,
@@ -208,6 +235,20 @@ def main() -> None:
               f"{(jf + jd + jw) / (tf + td + tw):7.2f}")
     print(f"  JAX wgrad: XLA {jw:.1f}, im2col {totals['jax wgrad im2col']:.1f}, "
           f"per-tap matmuls {totals['jax wgrad taps']:.1f} ms")
+    gflop = sum(count * conv_gflop(sp, ci, co, st) for sp, ci, co, st, count in SHAPES)
+    peak = matmul_peak_gflops(use_torch)
+    print(f"\nGFLOP/s per direction ({gflop:.2f} GFLOP each over the network) vs the "
+          f"2048^3 float32 matmul peak on {n_cpu} CPU(s): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    frameworks = [("JAX", "jax", "jax wgrad xla")]
+    if use_torch:
+        frameworks.append(("PyTorch", "torch", "torch wgrad"))
+    for label, prefix, wgrad_key in frameworks:
+        rates = [gflop / (totals[k] / 1e3) for k in (f"{prefix} fwd", f"{prefix} dgrad",
+                                                     wgrad_key)]
+        best_peak = max(peak.values())
+        print(f"  {label:7} fwd {rates[0]:6.0f}  dgrad {rates[1]:6.0f}  wgrad {rates[2]:6.0f}"
+              f"  ({', '.join(f'{r / best_peak:.0%}' for r in rates)} of the best peak)")
 
 
 if __name__ == "__main__":
