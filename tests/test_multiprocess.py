@@ -86,7 +86,14 @@ def test_two_processes_match_one(nuclei_dir, tmp_path):
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = []
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    except subprocess.TimeoutExpired:  # fail with both workers' logs, not a bare timeout
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0][-3000:] for p in procs]
+        raise AssertionError("workers did not finish in 300 s:\n" + "\n----\n".join(logs)) from None
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     results = [np.load(tmp_path / f"params{i}.npz") for i in range(2)]
