@@ -126,6 +126,20 @@ def test_depth_folded_conv3d_equals_native(kernel, strides, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+def test_depth_folded_conv3d_forward_mode_matches_native():
+    """Forward mode (used by GenSeg's reverse-over-forward hypergradient) works too."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6, 4, 2)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 3)), jnp.float32)
+    x_dot, w_dot = (jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in (x, w))
+    tangents = [
+        jax.jvp(lambda x, w, fn=fn: fn(x, w, (1, 1, 1)), (x, w), (x_dot, w_dot))[1]
+        for fn in (conv_native, conv3d_depth_folded)
+    ]
+    native, folded = (np.asarray(t) for t in tangents)
+    np.testing.assert_allclose(native, folded, rtol=1e-4, atol=1e-4)
+
+
 def test_unet_conv_impls_agree():
     args = (2, (4, 8), [(1, 1, 1), (2, 2, 2)], [(3, 3, 3)] * 2)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 8, 1)), jnp.float32)

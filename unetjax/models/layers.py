@@ -148,22 +148,21 @@ def _conv3d_output_folded(x, kernel, strides, padding):
     return y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _conv3d_depth_stride1(x, kernel, strides, padding):
-    """Output-folded forward, input-folded gradient (depth stride 1)."""
+    """Output-folded value; derivatives (forward and reverse) through the input-folded form."""
     return _conv3d_output_folded(x, kernel, strides, padding)
 
 
-def _depth_stride1_fwd(x, kernel, strides, padding):
-    return _conv3d_output_folded(x, kernel, strides, padding), (x, kernel)
-
-
-def _depth_stride1_bwd(strides, padding, residuals, g):
-    fn = functools.partial(_conv3d_input_folded, strides=strides, padding=padding)
-    return jax.vjp(fn, *residuals)[1](g)
-
-
-_conv3d_depth_stride1.defvjp(_depth_stride1_fwd, _depth_stride1_bwd)
+@_conv3d_depth_stride1.defjvp
+def _depth_stride1_jvp(strides, padding, primals, tangents):
+    (x, kernel), (x_dot, kernel_dot) = primals, tangents
+    y = _conv3d_output_folded(x, kernel, strides, padding)
+    # bilinear in (x, kernel): JAX transposes this for the reverse pass
+    y_dot = _conv3d_input_folded(x_dot, kernel, strides, padding) + _conv3d_input_folded(
+        x, kernel_dot, strides, padding
+    )
+    return y, y_dot
 
 
 def conv3d_depth_folded(
@@ -183,8 +182,9 @@ def conv3d_depth_folded(
     * output-folded (depth stride 1): the unshifted input through a 2D conv to
       ``kd * F`` channels, then each output depth sums its ``kd`` shifted taps. No
       ``kd``-times copy of the input: its forward is 1.1-4x faster per layer of the
-      hippocampus U-Net (``benchmarks/conv3d_cpu.py``). Its gradient is taken through the
-      input-folded form (measured faster than differentiating the output-folded one).
+      hippocampus U-Net (``benchmarks/conv3d_cpu.py``). Its derivatives (a ``custom_jvp``,
+      so forward and reverse mode both work) go through the input-folded form, measured
+      faster to differentiate than the output-folded one.
     """
     strides = tuple(strides)
     padding = tuple(tuple(p) for p in (padding or symmetric_padding(kernel.shape[:3])))
