@@ -145,6 +145,8 @@ def _conv3d_output_folded(x, kernel, strides, padding):
         part = z[:, first + start : last + start, :, :, dz]
         part = jnp.pad(part, ((0, 0), (first, d_out - last), (0, 0), (0, 0), (0, 0)))
         y = part if y is None else y + part
+    if y is None:  # the padding leaves every output without a real input
+        return jnp.zeros((batch, d_out, *z.shape[2:4], cout), z.dtype)
     return y
 
 
