@@ -168,7 +168,7 @@ def conv_gflop(spatial: int, cin: int, cout: int, stride: int) -> float:
 def matmul_peak_gflops(use_torch: bool, n: int = 2048, repeats: int = 5) -> dict:
     """Achieved float32 GFLOP/s of an ``n^3`` matmul: the practical peak of these CPUs."""
 
-    def best(fn) -> float:
+    def gflops(fn) -> float:
         fn()
         times = []
         for _ in range(repeats):
@@ -179,10 +179,10 @@ def matmul_peak_gflops(use_torch: bool, n: int = 2048, repeats: int = 5) -> dict
 
     a = jnp.ones((n, n), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
-    peak = {"jax": best(lambda: matmul(a).block_until_ready())}
+    peak = {"jax": gflops(lambda: matmul(a).block_until_ready())}
     if use_torch:
         ta = torch.ones(n, n)
-        peak["torch"] = best(lambda: ta @ ta)
+        peak["torch"] = gflops(lambda: ta @ ta)
     return peak
 
 
@@ -240,13 +240,13 @@ def main() -> None:
     print(f"\nGFLOP/s per direction ({gflop:.2f} GFLOP each over the network) vs the "
           f"2048^3 float32 matmul peak on {n_cpu} CPU(s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    best_peak = max(peak.values())
     frameworks = [("JAX", "jax", "jax wgrad xla")]
     if use_torch:
         frameworks.append(("PyTorch", "torch", "torch wgrad"))
     for label, prefix, wgrad_key in frameworks:
         rates = [gflop / (totals[k] / 1e3) for k in (f"{prefix} fwd", f"{prefix} dgrad",
                                                      wgrad_key)]
-        best_peak = max(peak.values())
         print(f"  {label:7} fwd {rates[0]:6.0f}  dgrad {rates[1]:6.0f}  wgrad {rates[2]:6.0f}"
               f"  ({', '.join(f'{r / best_peak:.0%}' for r in rates)} of the best peak)")
 

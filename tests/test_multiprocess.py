@@ -86,7 +86,6 @@ def test_two_processes_match_one(nuclei_dir, tmp_path):
         )
         for i in range(2)
     ]
-    outputs = []
     try:
         outputs = [p.communicate(timeout=300)[0] for p in procs]
     except subprocess.TimeoutExpired:  # fail with both workers' logs, not a bare timeout
