@@ -183,7 +183,7 @@ def conv3d_depth_folded(
       input channels ``[B * D_out, H, W, kd * C]``, kernel ``[kh, kw, kd * C, F]``;
     * output-folded (depth stride 1): the unshifted input through a 2D conv to
       ``kd * F`` channels, then each output depth sums its ``kd`` shifted taps. No
-      ``kd``-times copy of the input: its forward is 1.1-4x faster per layer of the
+      ``kd``-times copy of the input: its forward is 1.1-3.8x faster per layer of the
       hippocampus U-Net (``benchmarks/conv3d_cpu.py``). Its derivatives (a ``custom_jvp``,
       so forward and reverse mode both work) go through the input-folded form, measured
       faster to differentiate than the output-folded one.
