@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 from scipy import ndimage
 
 from unetjax.models import UNet
@@ -15,21 +16,6 @@ from unetjax.trust.attribution import (
     make_integrated_gradients_fn,
     path_points,
 )
-
-
-def random_params(model, x, seed=0):
-    """He-normal kernels, unit scales, zero biases (cheaper than compiling ``model.init``)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path[-1:])
-        if "kernel" in name:
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(scale=np.sqrt(2 / fan_in), size=leaf.shape), leaf.dtype)
-        return jnp.ones(leaf.shape, leaf.dtype) if "scale" in name else jnp.zeros_like(leaf)
-
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def smooth_images(shape, seed=0):

@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import random_params
 from PIL import Image
-from test_trust_uncertainty import random_params
 
 from unetjax.config import default_config
 from unetjax.experiment import build_experiment
