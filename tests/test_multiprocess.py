@@ -2,7 +2,8 @@
 
 Each process loads only its half of every global batch; the parameters after 3 steps are
 identical across the processes and equal (rtol 2e-5, atol 2e-6: reduction order only)
-to a single-process run on 4 devices.
+to a single-process run on 4 devices. And two processes checkpoint the same steps to
+``latest`` and ``best`` concurrently without their barriers colliding.
 """
 
 import os
@@ -50,6 +51,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_workers(script: str, args, timeout: float) -> list[str]:
+    """Run ``tests/<script> *args(process_id, port)`` as processes 0 and 1; their outputs.
+
+    On a timeout both are killed and the test fails with their logs, not a bare hang."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / script), *args(i, port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0][-3000:] for p in procs]
+        raise AssertionError(
+            f"workers did not finish in {timeout} s:\n" + "\n----\n".join(logs)
+        ) from None
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
 def test_two_processes_match_one(nuclei_dir, tmp_path):
     data = tmp_path / "data"
     for sub in ("images", "masks"):
@@ -66,38 +96,34 @@ def test_two_processes_match_one(nuclei_dir, tmp_path):
     )
     expected = [np.asarray(x) for x in jax.tree.leaves(reference["state"].params)]
 
-    port = _free_port()
     workdir = tmp_path / "multi"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "tests" / "multiprocess_worker.py"),
-                str(config_file),
-                str(workdir),
-                str(i),
-                str(port),
-                str(tmp_path / f"params{i}.npz"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    except subprocess.TimeoutExpired:  # fail with both workers' logs, not a bare timeout
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0][-3000:] for p in procs]
-        raise AssertionError("workers did not finish in 300 s:\n" + "\n----\n".join(logs)) from None
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    run_two_workers(
+        "multiprocess_worker.py",
+        lambda i, port: [
+            str(config_file),
+            str(workdir),
+            str(i),
+            str(port),
+            str(tmp_path / f"params{i}.npz"),
+        ],
+        timeout=300,
+    )
     results = [np.load(tmp_path / f"params{i}.npz") for i in range(2)]
     for i, want in enumerate(expected):
         np.testing.assert_array_equal(results[0][f"arr_{i}"], results[1][f"arr_{i}"])
         np.testing.assert_allclose(results[0][f"arr_{i}"], want, rtol=2e-5, atol=2e-6)
     assert float(results[0]["val_dice"]) == float(results[1]["val_dice"])
     assert (workdir / "checkpoints" / "latest" / "3").exists()
+
+
+def test_two_processes_save_latest_and_best_at_the_same_steps(tmp_path):
+    """Both checkpoint managers save every step, asynchronously, from two processes.
+
+    Orbax names its barriers by step: without a prefix per manager, ``latest`` and ``best``
+    collided ("Barrier _async_write_complete.3 is already ongoing") and the run hung."""
+    outputs = run_two_workers(
+        "checkpoint_worker.py", lambda i, port: [str(i), str(port), str(tmp_path)], timeout=120
+    )
+    for i, out in enumerate(outputs):
+        assert f"process {i}: latest 8, best 8, restored ok" in out, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir()) == ["7", "8"]

@@ -12,18 +12,32 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+    """Orbax names its multi-process barriers by step (``async_write_complete.<step>``):
+    without a prefix per manager, ``latest`` and ``best`` saving the same step wait on the
+    same barrier, and one of them fails ("already ongoing") or hangs."""
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class Checkpointer:
     """``workdir/checkpoints/latest`` (max ``keep``) and ``workdir/checkpoints/best`` (1)."""
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 2):
         root = pathlib.Path(workdir).resolve() / "checkpoints"
         self.latest = ocp.CheckpointManager(
-            root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            root / "latest",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, multiprocessing_options=_barriers("latest")
+            ),
         )
         self.best = ocp.CheckpointManager(
             root / "best",
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["val_dice"], best_mode="max", create=True
+                max_to_keep=1,
+                best_fn=lambda m: m["val_dice"],
+                best_mode="max",
+                create=True,
+                multiprocessing_options=_barriers("best"),
             ),
         )
 
