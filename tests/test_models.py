@@ -107,10 +107,11 @@ def test_max_pool_equals_reduce_window():
         ((1, 1, 1), (1, 1, 1), None),
     ],
 )
-def test_depth_folded_conv3d_equals_native(kernel, strides, padding):
+@pytest.mark.parametrize("cin,cout", [(3, 5), (5, 3)])  # C_in > F differentiates out-folded
+def test_depth_folded_conv3d_equals_native(kernel, strides, padding, cin, cout):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 6, 8, 4, 3)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(*kernel, 3, 5)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 6, 8, 4, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, cin, cout)), jnp.float32)
 
     def loss(fn, x, w):
         return jnp.sum(jnp.sin(fn(x, w, strides, padding)))
@@ -126,11 +127,12 @@ def test_depth_folded_conv3d_equals_native(kernel, strides, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
-def test_depth_folded_conv3d_forward_mode_matches_native():
+@pytest.mark.parametrize("cin,cout", [(2, 3), (3, 2)])
+def test_depth_folded_conv3d_forward_mode_matches_native(cin, cout):
     """Forward mode (used by GenSeg's reverse-over-forward hypergradient) works too."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(2, 5, 6, 4, 2)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 3)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6, 4, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, cin, cout)), jnp.float32)
     x_dot, w_dot = (jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in (x, w))
     tangents = [
         jax.jvp(lambda x, w, fn=fn: fn(x, w, (1, 1, 1)), (x, w), (x_dot, w_dot))[1]
