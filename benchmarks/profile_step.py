@@ -47,7 +47,7 @@ import run as bench  # noqa: E402
 from unetjax.losses import segmentation_loss  # noqa: E402
 from unetjax.models import UNet  # noqa: E402
 from unetjax.training.state import create_train_state, make_optimizer  # noqa: E402
-from unetjax.training.step import make_train_step  # noqa: E402
+from unetjax.training.step import compile_train_step, make_train_step  # noqa: E402
 
 try:
     import torch
@@ -170,7 +170,7 @@ def main() -> None:
     params = jax.device_get(state.params)
     step = make_train_step(model, tx, batch_dice=tcfg.batch_dice)
     batch_ = {"image": xj, "label": yj}
-    compiled = step.lower(state, batch_).compile()
+    compiled = compile_train_step(step.lower(state, batch_), len(patch))
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
     grad = jax.jit(jax.value_and_grad(
         lambda p, x, y: segmentation_loss(model.apply({"params": p}, x), y)))

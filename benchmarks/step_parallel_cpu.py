@@ -42,7 +42,7 @@ def child(variant: str, row: str, cpus: int, reps: int) -> None:
     from unetjax.losses import segmentation_loss
     from unetjax.models import UNet
     from unetjax.training.state import create_train_state, make_optimizer
-    from unetjax.training.step import make_train_step
+    from unetjax.training.step import compile_train_step, make_train_step
 
     kwargs, cin, k, patch, batch, tcfg = bench.train_case(row, True)
     model = UNet(num_classes=k, **kwargs)
@@ -91,7 +91,7 @@ def child(variant: str, row: str, cpus: int, reps: int) -> None:
     else:
         raise ValueError(variant)
     t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
+    compiled = compile_train_step(step.lower(state, data), len(patch))  # as train.py
     compile_s = time.perf_counter() - t0
     walls, cpu = [], []
     for _ in range(reps + 2):

@@ -189,8 +189,8 @@ def conv3d_depth_folded(
       form, measured faster to differentiate there; where ``C_in > F`` (a decoder's first
       conv, on skip + upsampled channels) autodiff of the output-folded form is faster:
       its backward builds the ``kd`` depth-shifted copies of the ``F``-channel output
-      gradient instead of the ``C_in``-channel input (the 3D train step 8-9% faster on
-      one core).
+      gradient instead of the ``C_in``-channel input (``benchmarks/conv3d_cpu.py``,
+      forward + backward per layer).
     """
     strides = tuple(strides)
     padding = tuple(tuple(p) for p in (padding or symmetric_padding(kernel.shape[:3])))

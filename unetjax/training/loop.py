@@ -32,7 +32,7 @@ from unetjax.sharding import (
     state_shardings,
 )
 from unetjax.training.state import init_train_state, make_optimizer
-from unetjax.training.step import make_predict_fn, make_train_step
+from unetjax.training.step import compile_train_step, make_predict_fn, make_train_step
 from unetjax.training.writer import MetricWriter
 
 log = logging.getLogger("unetjax")
@@ -61,7 +61,7 @@ def validate(exp: Experiment, predict, params) -> float:
 
 def _compile(step_fn, state, batch):
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = compile_train_step(step_fn.lower(state, batch), batch["image"].ndim - 2)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory is not None else 0.0

@@ -1,6 +1,7 @@
 """The jitted train step and the model's inference function."""
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -12,6 +13,34 @@ from jax.sharding import PartitionSpec as P
 from unetjax.inference.sliding_window import mirror_average
 from unetjax.losses import segmentation_loss
 from unetjax.training.state import TrainState
+
+log = logging.getLogger("unetjax")
+
+# XLA:CPU runs convolutions through YNNPACK by default. A 3D train step (its convs are
+# depth-folded 2D convs, ``layers.conv3d_depth_folded``) is ~8% faster with Eigen's
+# convolutions instead: YNNPACK's weight gradients of the narrow full-resolution layers are
+# slow. 2D steps and inference (forward only) are faster with YNNPACK's, so they keep it.
+# This list keeps YNNPACK for reductions and dots (``benchmarks/train_step_xla_options.py``).
+CPU_3D_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def train_step_compiler_options(ndim: int) -> dict:
+    """XLA compile options for the train step of an ``ndim``-D U-Net on this backend."""
+    if ndim == 3 and jax.default_backend() == "cpu":
+        return dict(CPU_3D_TRAIN_OPTIONS)
+    return {}
+
+
+def compile_train_step(lowered, ndim: int):
+    """Compile a lowered ``ndim``-D train step with :func:`train_step_compiler_options`;
+    an XLA that lacks an option compiles with its defaults."""
+    options = train_step_compiler_options(ndim)
+    if options:
+        try:
+            return lowered.compile(compiler_options=options)
+        except jax.errors.JaxRuntimeError as e:
+            log.warning("XLA options %s not taken (%s); compiling with defaults", options, e)
+    return lowered.compile()
 
 
 def make_train_step(
