@@ -1,6 +1,7 @@
 """Where does the JAX train step spend its time? Phases, XLA ops by kind, vs PyTorch.
 
     python benchmarks/profile_step.py [--row nuclei_2d] [--repeats 5] [--threads N]
+                                      [--xla-defaults]
 
 For one of ``benchmarks/run.py``'s training rows (default: the default 2D config) prints
 
@@ -12,6 +13,9 @@ For one of ``benchmarks/run.py``'s training rows (default: the default 2D config
    the whole feature map), strided-conv input gradient, transposes/copies, reductions,
    elementwise fusions, dots), plus the top thunks and the thread-time / wall ratio;
 3. PyTorch's step broken down by operator (``torch.profiler``, self CPU time).
+
+The step is compiled as train.py does (``compile_train_step``: on CPU a 3D step uses Eigen's
+convolutions); ``--xla-defaults`` compiles it with XLA's default options instead.
 
 ``--threads 1`` pins the process to one CPU (``os.sched_setaffinity``, before JAX starts,
 so XLA's pool has one thread too) and gives PyTorch one thread: per-core efficiency,
@@ -150,6 +154,8 @@ def main() -> None:
                         help="pin to this many CPUs (PyTorch threads too); 0 = all")
     parser.add_argument("--quick", action="store_true", help="classic_2d at batch 1")
     parser.add_argument("--json", default="", help="also write the numbers here")
+    parser.add_argument("--xla-defaults", action="store_true",
+                        help="compile the step with XLA's default options, not train.py's")
     args = parser.parse_args()
     jax.config.update("jax_enable_compilation_cache", False)
     n_cpu = bench.cores()
@@ -170,7 +176,8 @@ def main() -> None:
     params = jax.device_get(state.params)
     step = make_train_step(model, tx, batch_dice=tcfg.batch_dice)
     batch_ = {"image": xj, "label": yj}
-    compiled = compile_train_step(step.lower(state, batch_), len(patch))
+    lowered = step.lower(state, batch_)
+    compiled = lowered.compile() if args.xla_defaults else compile_train_step(lowered, len(patch))
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
     grad = jax.jit(jax.value_and_grad(
         lambda p, x, y: segmentation_loss(model.apply({"params": p}, x), y)))
