@@ -61,6 +61,15 @@ def median_seconds(fn, x, w, strides, repeats: int = 5) -> float:
     return median_call_seconds(grad, x, w, repeats=repeats)
 
 
+def depth_stride1_layers(rng):
+    """(spatial, c_in, c_out, strides, x, w, padding) of the SHAPES at depth stride 1."""
+    for spatial, cin, cout, strides in SHAPES:
+        if strides[0] == 1:
+            x = jnp.asarray(rng.normal(size=(4, *spatial, cin)), jnp.float32)
+            w = jnp.asarray(rng.normal(size=(3, 3, 3, cin, cout)) * 0.1, jnp.float32)
+            yield spatial, cin, cout, strides, x, w, tuple(symmetric_padding(w.shape[:3]))
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
@@ -82,12 +91,7 @@ def main() -> None:
         f"{'input':>22} {'cin':>4} {'cout':>4} {'native':>8} {'in-fold':>8} {'out-fold':>8} "
         f"{'out vs in':>9}"
     )
-    for spatial, cin, cout, strides in SHAPES:
-        if strides[0] != 1:
-            continue
-        x = jnp.asarray(rng.normal(size=(4, *spatial, cin)), jnp.float32)
-        w = jnp.asarray(rng.normal(size=(3, 3, 3, cin, cout)) * 0.1, jnp.float32)
-        pad = tuple(symmetric_padding(w.shape[:3]))
+    for spatial, cin, cout, strides, x, w, pad in depth_stride1_layers(rng):
         native = median_call_seconds(functools.partial(conv_native, strides=strides), x, w)
         infold = median_call_seconds(
             functools.partial(_conv3d_input_folded, strides=strides, padding=pad), x, w
@@ -101,12 +105,7 @@ def main() -> None:
         )
     print("\nforward + backward, depth stride 1 (ms): derivatives through")
     print(f"{'input':>22} {'cin':>4} {'cout':>4} {'in-fold':>8} {'out-fold':>8} {'out vs in':>9}")
-    for spatial, cin, cout, strides in SHAPES:
-        if strides[0] != 1:
-            continue
-        x = jnp.asarray(rng.normal(size=(4, *spatial, cin)), jnp.float32)
-        w = jnp.asarray(rng.normal(size=(3, 3, 3, cin, cout)) * 0.1, jnp.float32)
-        pad = tuple(symmetric_padding(w.shape[:3]))
+    for spatial, cin, cout, strides, x, w, pad in depth_stride1_layers(rng):
         infold = median_seconds(
             lambda x, w, s, p=pad: _conv3d_depth_stride1(x, w, s, p), x, w, strides
         )
