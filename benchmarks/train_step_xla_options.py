@@ -12,7 +12,6 @@ train.py uses those options where this shows them faster: 3D steps on CPU.
 import argparse
 import os
 import sys
-import time
 
 from unetjax.host_devices import configure_host_devices
 
@@ -27,7 +26,7 @@ import run as bench  # noqa: E402
 
 from unetjax.models import UNet  # noqa: E402
 from unetjax.training.state import create_train_state, make_optimizer  # noqa: E402
-from unetjax.training.step import CPU_3D_TRAIN_OPTIONS  # noqa: E402
+from unetjax.training.step import CPU_3D_TRAIN_OPTIONS, make_train_step  # noqa: E402
 
 
 def compare(row: str, repeats: int) -> dict:
@@ -46,8 +45,6 @@ def compare(row: str, repeats: int) -> dict:
     if mesh is not None:
         state, step, data = bench.sharded_train_step(model, tx, tcfg, state, data, mesh)
     else:
-        from unetjax.training.step import make_train_step
-
         step = make_train_step(model, tx, batch_dice=tcfg.batch_dice)
     lowered = step.lower(state, data)
     compiled = {
@@ -56,20 +53,19 @@ def compare(row: str, repeats: int) -> dict:
     }
     states = {name: jax.tree.map(jnp.copy, state) for name in compiled}
 
-    def call(name: str) -> float:
-        start = time.perf_counter()
-        states[name], metrics = compiled[name](states[name], data)
-        jax.block_until_ready((states[name], metrics))
-        return time.perf_counter() - start
+    def call(name: str):
+        def run_step():
+            states[name], metrics = compiled[name](states[name], data)
+            jax.block_until_ready((states[name], metrics))
 
-    for name in compiled:  # warm-up
-        call(name)
-        call(name)
-    times: dict = {name: [] for name in compiled}
-    for r in range(repeats):
-        for name in list(compiled) if r % 2 == 0 else list(compiled)[::-1]:
-            times[name].append(call(name))
-    return {name: float(np.median(t)) for name, t in times.items()}
+        return run_step
+
+    fns = {name: call(name) for name in compiled}
+    for fn in fns.values():  # warm-up
+        fn()
+        fn()
+    results = bench.alternate(fns, repeats, bench.RssSampler())
+    return {name: r["seconds_median"] for name, r in results.items()}
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def _ynn_convolutions(hlo: str) -> int:
 def test_compiled_train_step_options_keep_the_maths(ndim):
     """On CPU the 3D step compiles with Eigen's convolutions (``CPU_3D_TRAIN_OPTIONS``), the
     2D step with XLA's defaults; either way one step gives the default program's numbers."""
-    spatial = (8, 8, 8)[:ndim] if ndim == 3 else (16, 16)
+    spatial = (8, 8, 8) if ndim == 3 else (16, 16)
     model = UNet(3, (4, 8), [(1,) * ndim, (2,) * ndim], [(3,) * ndim] * 2)
     tx = optax.adam(1e-2)
     rng = np.random.default_rng(0)
